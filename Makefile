@@ -1,0 +1,37 @@
+# All set-up a fresh machine needs: `make demo` or `make test`.
+# torch is pinned to the CPU build first, so the `torch>=2.4` requirement is already
+# met and pip never pulls the multi-GB CUDA wheels on a development machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest -q
+TORCH_CPU ?= torch==2.13.0
+# Suites that need their own process: Keras reads KERAS_BACKEND at import, and
+# TensorFlow and Triton must not share one (their LLVM copies clash).
+SEPARATE := tests/tensorflow tests/keras tests/triton
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.%-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/anypool demo
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+test: $(VENV)/.test-installed lint
+	$(PYTEST) tests $(foreach d,$(SEPARATE),--ignore=$(d))
+	if [ -d tests/tensorflow ]; then KERAS_BACKEND=tensorflow $(PYTEST) tests/tensorflow; fi
+	if [ -d tests/keras ]; then for b in tensorflow jax torch; do KERAS_BACKEND=$$b $(PYTEST) tests/keras || exit 1; done; fi
+	if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTEST) tests/triton; fi
+
+bench: $(VENV)/.test-installed
+	$(VENV)/bin/anypool bench --json benchmarks/cpu.json --png benchmarks/cpu.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,120 @@
+"""anypool — exact adaptive pooling (PyTorch's windows) for NumPy, PyTorch, JAX and TensorFlow.
+
+Every function takes an array of any supported framework and returns one of the
+same framework.  Layouts: ``data_format="channels_first"`` takes ``(N, C, *S)`` or
+unbatched ``(C, *S)``; ``"channels_last"`` takes ``(N, *S, C)`` or ``(*S, C)``.
+Along a spatial axis of length ``L`` pooled to ``O``, output ``j`` reduces input
+``[floor(j·L/O), ceil((j+1)·L/O))`` (see :func:`bins`).
+
+``output_size`` is an int (every axis) or one entry per spatial axis; an entry
+``None`` keeps that axis' size, ``0`` gives an empty axis.
+"""
+
+from __future__ import annotations
+
+from . import _args, _dispatch
+from ._args import OutputSize
+from ._bins import AxisBins, bins
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adaptive_avg_pool", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "global_avg_pool", "global_max_pool", "bins", "AxisBins",
+]
+
+
+def _pool(x, output_size: OutputSize, rank: int, data_format: str, function: str, reduce: str,
+          return_indices: bool = False, batched=None):
+    """Check the call, pick the backend and run it; returns ``(result, spec)``."""
+    backend = _dispatch.backend_for(x, function)
+    spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched)
+    if reduce == "avg":
+        _args.require_floating(backend.dtype_name(x), backend.is_floating(x), function)
+        return backend.avg_pool(x, spec), spec
+    return backend.max_pool(x, spec, return_indices), spec
+
+
+def _avg(x, output_size, rank, data_format, function):
+    return _pool(x, output_size, rank, data_format, function, "avg")[0]
+
+
+def _max(x, output_size, rank, data_format, return_indices, function):
+    return _pool(x, output_size, rank, data_format, function, "max", return_indices)[0]
+
+
+def adaptive_avg_pool(x, output_size, *, data_format: str = "channels_first"):
+    """Adaptive average pooling over ``len(output_size)`` spatial axes (any N ≥ 1).
+
+    ``x``: ``(N, C, *S)`` / ``(C, *S)`` (channels_first) or ``(N, *S, C)`` / ``(*S, C)``
+    (channels_last), floating.  Returns the same layout with ``S`` replaced by
+    ``output_size``.  float16/bfloat16 accumulate in float32 (NumPy: float64).
+    """
+    rank = _args.output_rank(output_size, "adaptive_avg_pool")
+    return _avg(x, output_size, rank, data_format, "adaptive_avg_pool")
+
+
+def adaptive_max_pool(x, output_size, *, return_indices: bool = False, data_format: str = "channels_first"):
+    """Adaptive max pooling over ``len(output_size)`` spatial axes (any N ≥ 1).
+
+    Shapes as :func:`adaptive_avg_pool`.  NaN propagates.  With ``return_indices``
+    also returns int64 flat offsets into the input's spatial plane (row-major), of
+    the output's shape: ties pick the first position, a window holding NaN its last NaN.
+    """
+    rank = _args.output_rank(output_size, "adaptive_max_pool")
+    return _max(x, output_size, rank, data_format, return_indices, "adaptive_max_pool")
+
+
+def adaptive_avg_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """1-D :func:`adaptive_avg_pool`: ``(N, C, L)``/``(C, L)`` → ``(N, C, O)``/``(C, O)``."""
+    return _avg(x, output_size, 1, data_format, "adaptive_avg_pool1d")
+
+
+def adaptive_avg_pool2d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """2-D :func:`adaptive_avg_pool`: ``(N, C, H, W)`` → ``(N, C, *output_size)``."""
+    return _avg(x, output_size, 2, data_format, "adaptive_avg_pool2d")
+
+
+def adaptive_avg_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """3-D :func:`adaptive_avg_pool`: ``(N, C, D, H, W)`` → ``(N, C, *output_size)``."""
+    return _avg(x, output_size, 3, data_format, "adaptive_avg_pool3d")
+
+
+def adaptive_max_pool1d(x, output_size: OutputSize, *, return_indices: bool = False,
+                        data_format: str = "channels_first"):
+    """1-D :func:`adaptive_max_pool`."""
+    return _max(x, output_size, 1, data_format, return_indices, "adaptive_max_pool1d")
+
+
+def adaptive_max_pool2d(x, output_size: OutputSize, *, return_indices: bool = False,
+                        data_format: str = "channels_first"):
+    """2-D :func:`adaptive_max_pool`."""
+    return _max(x, output_size, 2, data_format, return_indices, "adaptive_max_pool2d")
+
+
+def adaptive_max_pool3d(x, output_size: OutputSize, *, return_indices: bool = False,
+                        data_format: str = "channels_first"):
+    """3-D :func:`adaptive_max_pool`."""
+    return _max(x, output_size, 3, data_format, return_indices, "adaptive_max_pool3d")
+
+
+def _global(x, data_format: str, keepdims: bool, function: str, reduce: str):
+    backend = _dispatch.backend_for(x, function)
+    rank = max(len(backend.shape(x)) - 2, 1)  # a tensor of rank < 3 fails the layout check
+    out, spec = _pool(x, 1, rank, data_format, function, reduce, batched=True)
+    return out if keepdims else backend.squeeze(out, spec.spatial_axes)
+
+
+def global_avg_pool(x, *, data_format: str = "channels_first", keepdims: bool = False):
+    """Mean over every spatial axis of a batch: ``(N, C, *S)`` or ``(N, *S, C)`` → ``(N, C)``.
+
+    With ``keepdims`` the spatial axes stay, of length 1 (like Keras'
+    ``GlobalAveragePooling2D(keepdims=True)``).  Raises on an empty spatial axis.
+    """
+    return _global(x, data_format, keepdims, "global_avg_pool", "avg")
+
+
+def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = False):
+    """Max over every spatial axis of a batch; shapes as :func:`global_avg_pool`."""
+    return _global(x, data_format, keepdims, "global_max_pool", "max")

@@ -1,0 +1,179 @@
+"""Argument normalisation and validation — the one place that words an error.
+
+Every public entry point turns its arguments into a :class:`PoolSpec` here, so
+all backends receive the same, already-checked description of the job:
+which axes are spatial, their input sizes and the output sizes.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+OutputSize = Union[int, None, Sequence[int | None]]
+DATA_FORMATS = ("channels_first", "channels_last")
+
+
+def _fail(kind: type[Exception], argument: str, value, expected: str) -> Exception:
+    """``<argument>: got <value>; expected <what>`` — the one shape of every error message.
+
+    ``value`` is shown with ``repr`` unless it is already a description (a ``_Described``).
+    """
+    shown = value if isinstance(value, _Described) else repr(value)
+    return kind(f"{argument}: got {shown}; expected {expected}")
+
+
+class _Described(str):
+    """A description of a value (``tensor of shape (2, 0)``) rather than the value itself."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def input_size_tuple(input_size, argument: str = "input_size") -> tuple[int, ...]:
+    """A spatial input size (int or sequence of ints) as a tuple of positive ints."""
+    sizes = (input_size,) if _is_int(input_size) else input_size
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        raise _fail(TypeError, argument, input_size, "an int or a sequence of ints") from None
+    if not sizes or not all(_is_int(s) and s >= 1 for s in sizes):
+        raise _fail(ValueError, argument, input_size, "positive ints (an empty spatial axis cannot be pooled)")
+    return tuple(int(s) for s in sizes)
+
+
+def output_rank(output_size: OutputSize, function: str) -> int:
+    """The spatial rank of the generic functions: the length of ``output_size``."""
+    if _is_int(output_size) or output_size is None or isinstance(output_size, (str, bytes)):
+        raise _fail(TypeError, f"{function}(output_size)", output_size,
+                    "a sequence with one entry per spatial axis (its length sets the spatial rank)")
+    try:
+        return len(output_size)
+    except TypeError:
+        raise _fail(TypeError, f"{function}(output_size)", output_size,
+                    "a sequence with one entry per spatial axis") from None
+
+
+def normalize_output_size(output_size: OutputSize, input_size: Sequence[int | None],
+                          argument: str = "output_size") -> tuple[int | None, ...]:
+    """``output_size`` as one non-negative int per spatial axis.
+
+    An int applies to every axis; ``None`` (the whole argument or one entry) keeps
+    that axis' input size (``None`` again when the input size is unknown).
+    """
+    rank = len(input_size)
+    expected = f"an int >= 0 or a sequence of {rank} ints >= 0 or None"
+    if output_size is None or _is_int(output_size):
+        entries = (output_size,) * rank
+    elif isinstance(output_size, (str, bytes)):
+        raise _fail(TypeError, argument, output_size, expected)
+    else:
+        try:
+            entries = tuple(output_size)
+        except TypeError:
+            raise _fail(TypeError, argument, output_size, expected) from None
+        if len(entries) != rank:
+            raise _fail(ValueError, argument, output_size,
+                        f"{rank} entries, one per spatial axis (got {len(entries)})")
+    result = []
+    for entry, size in zip(entries, input_size):
+        if entry is None:
+            result.append(None if size is None else int(size))
+        elif not _is_int(entry):
+            raise _fail(TypeError, argument, output_size, expected)
+        elif entry < 0:
+            raise _fail(ValueError, argument, output_size, expected)
+        else:
+            result.append(int(entry))
+    return tuple(result)
+
+
+def check_data_format(data_format: str, function: str = "anypool") -> bool:
+    """Validate ``data_format``; returns ``True`` for channels_last."""
+    if data_format not in DATA_FORMATS:
+        raise _fail(ValueError, f"{function}(data_format)", data_format, "'channels_first' or 'channels_last'")
+    return data_format == "channels_last"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A checked pooling job on an array of shape ``shape``.
+
+    ``spatial_axes`` are the (non-negative) axes pooled, in order; ``input_size``
+    their lengths (``None`` where only known at run time) and ``output_size``
+    their pooled lengths.
+    """
+
+    shape: tuple[int | None, ...]
+    spatial_axes: tuple[int, ...]
+    input_size: tuple[int | None, ...]
+    output_size: tuple[int | None, ...]
+    channels_last: bool
+    batched: bool
+
+    @property
+    def rank(self) -> int:
+        return len(self.spatial_axes)
+
+    @property
+    def output_shape(self) -> tuple[int | None, ...]:
+        shape = list(self.shape)
+        for axis, size in zip(self.spatial_axes, self.output_size):
+            shape[axis] = size
+        return tuple(shape)
+
+    @property
+    def data_format(self) -> str:
+        return DATA_FORMATS[self.channels_last]
+
+
+def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
+              data_format: str = "channels_first", *, function: str = "adaptive pool",
+              batched: bool | None = None) -> PoolSpec:
+    """Check a call and describe it.
+
+    ``shape`` is the input's shape (entries may be ``None`` when unknown until run
+    time). Accepted: ``(N, C, *S)`` / ``(C, *S)`` for channels_first and
+    ``(N, *S, C)`` / ``(*S, C)`` for channels_last, with ``len(S) == rank``.
+    ``batched`` forces one of the two forms (the global pools always take a batch).
+    """
+    channels_last = check_data_format(data_format, function)
+    shape = tuple(None if s is None else int(s) for s in shape)
+    allowed = (rank + 2,) if batched else (rank + 1,) if batched is False else (rank + 1, rank + 2)
+    if len(shape) not in allowed:
+        layouts = {False: "(C, *S)", True: "(N, C, *S)"} if not channels_last else {False: "(*S, C)", True: "(N, *S, C)"}
+        forms = " or ".join(f"{n}-D {layouts[n == rank + 2]}" for n in allowed)
+        raise _fail(ValueError, f"{function}(input)", _Described(f"a tensor of shape {shape}"),
+                    f"{forms} with {rank} spatial axes S ({data_format})")
+    is_batched = len(shape) == rank + 2
+    first = 1 + is_batched if not channels_last else int(is_batched)
+    spatial_axes = tuple(range(first, first + rank))
+    input_size = tuple(shape[a] for a in spatial_axes)
+    if any(s is not None and s < 1 for s in input_size):
+        raise _fail(ValueError, f"{function}(input)", _Described(f"a tensor of shape {shape}"),
+                    f"every spatial axis of length >= 1 ({data_format}; spatial size {input_size}): "
+                    "an empty window has no average or maximum")
+    out = normalize_output_size(output_size, input_size, argument=f"{function}(output_size)")
+    return PoolSpec(shape, spatial_axes, input_size, out, channels_last, is_batched)
+
+
+def require_floating(dtype, is_floating: bool, function: str) -> None:
+    """Average pooling is defined for floating inputs only."""
+    if not is_floating:
+        raise _fail(TypeError, f"{function}(input)", _Described(f"a tensor of dtype {dtype}"),
+                    "a floating dtype (float16, bfloat16, float32 or float64); cast integers first")
+
+
+def require_supported(dtype, supported: bool, function: str, backend: str) -> None:
+    """A dtype the backend cannot pool (complex, bool, ...)."""
+    if not supported:
+        raise _fail(TypeError, f"{function}(input)", _Described(f"a tensor of dtype {dtype}"),
+                    f"a dtype the {backend} backend can pool")
+
+
+def unsupported_type(x, function: str) -> TypeError:
+    return _fail(TypeError, f"{function}(input)", _Described(f"an object of type {type(x).__module__}.{type(x).__qualname__}"),
+                 "a NumPy, PyTorch, JAX or TensorFlow array")
