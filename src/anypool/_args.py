@@ -144,7 +144,7 @@ def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
     shape = tuple(None if s is None else int(s) for s in shape)
     allowed = (rank + 2,) if batched else (rank + 1,) if batched is False else (rank + 1, rank + 2)
     if len(shape) not in allowed:
-        layouts = {False: "(C, *S)", True: "(N, C, *S)"} if not channels_last else {False: "(*S, C)", True: "(N, *S, C)"}
+        layouts = ("(C, *S)", "(N, C, *S)") if not channels_last else ("(*S, C)", "(N, *S, C)")
         forms = " or ".join(f"{n}-D {layouts[n == rank + 2]}" for n in allowed)
         raise _fail(ValueError, f"{function}(input)", _Described(f"a tensor of shape {shape}"),
                     f"{forms} with {rank} spatial axes S ({data_format})")
@@ -175,5 +175,6 @@ def require_supported(dtype, supported: bool, function: str, backend: str) -> No
 
 
 def unsupported_type(x, function: str) -> TypeError:
-    return _fail(TypeError, f"{function}(input)", _Described(f"an object of type {type(x).__module__}.{type(x).__qualname__}"),
+    kind = f"{type(x).__module__}.{type(x).__qualname__}"
+    return _fail(TypeError, f"{function}(input)", _Described(f"an object of type {kind}"),
                  "a NumPy, PyTorch, JAX or TensorFlow array")
