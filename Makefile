@@ -22,7 +22,7 @@ demo: $(VENV)/.demo-installed
 	$(VENV)/bin/anypool demo
 
 lint: $(VENV)/.test-installed
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks examples)
 
 test: $(VENV)/.test-installed lint
 	$(PYTEST) tests $(foreach d,$(SEPARATE),--ignore=$(d))
