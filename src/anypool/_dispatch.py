@@ -58,6 +58,10 @@ def installed_backends() -> list[ModuleType]:
     for framework, module in BACKENDS.items():
         try:
             importlib.import_module(framework)
+            if framework == "torch":
+                # torch's compiler stack loads Triton on the first custom-op call; Triton and
+                # TensorFlow each bundle LLVM, and loading TensorFlow's first aborts the process
+                importlib.import_module("torch._dynamo")
             found.append(importlib.import_module(module))
         except ImportError:
             continue
