@@ -7,7 +7,8 @@ and the result keeps that layout.  Per spatial axis of input length ``L`` and
 output length ``O`` (windows from :mod:`anypool._bins`):
 
 * avg forward — gather the ``(O, K)`` window index, zero the repeats, sum; divide
-  once by the product of the window lengths.  (A matmul with the averaging matrix
+  once by the product of the window lengths.  A divisible axis (``L % O == 0``) needs
+  no gather: it is the free view ``(O, L/O)``, and all such axes are summed in one pass.  (A matmul with the averaging matrix
   would turn one ``inf`` into NaN everywhere, ``0 · inf``; the masked gather does not.)
 * avg backward — gather over the covering range ``[cover_first(i), cover_last(i)]``:
   ``dx[i] = Σ_j g[j] / len(j)``; a pure gather, so deterministic with no atomics and
@@ -87,7 +88,26 @@ def _along(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 def _gather(y: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     """``y`` with ``axis`` replaced by the two axes of ``index`` (rows of positions along ``axis``)."""
-    return y.index_select(axis, index.reshape(-1)).unflatten(axis, tuple(index.shape))
+    flat = index.reshape(-1)
+    inner = y.shape[axis + 1:]
+    # index_select copies whole trailing blocks (fast when they are long) but is 10x slower
+    # than advanced indexing when they are short (measured on CPU, torch 2.13)
+    if _static(*inner) and math.prod(inner) >= 256:
+        picked = y.index_select(axis, flat)
+    else:
+        picked = y[(slice(None),) * axis + (flat,)]
+    return picked.unflatten(axis, tuple(index.shape))
+
+
+def _windows(y: torch.Tensor, axis: int, length, out):
+    """``y`` with ``axis`` split into ``(O, K)`` windows, and the ``(O, K)`` validity mask (``None``: all valid).
+
+    A divisible axis is a free view (``K = L / O``); otherwise a gather of the window index.
+    """
+    if _static(length, out) and length % out == 0:
+        return y.unflatten(axis, (out, length // out)), None, None
+    index, valid, _ = _window_table(length, out, y.device)
+    return _gather(y, axis, index), valid, index
 
 
 def _empty(x: torch.Tensor, output_size, dtype=None) -> torch.Tensor:
@@ -103,16 +123,24 @@ def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
         return _empty(x, output_size)
     v, first, cl = _physical(x)
     acc = _acc_dtype(x.dtype)
-    y, divisor = v, None
+    y, divisor, divisible = v, None, []
     for d, out in enumerate(output_size):
-        axis, length = first + d, y.shape[first + d]
-        if _static(length) and length == out:
+        axis, length = first + d, v.shape[first + d]
+        if _static(length) and length % out == 0:
+            if length != out:
+                divisible.append(d)
             continue
         index, valid, lengths = _window_table(length, out, x.device)
         g = _gather(y, axis, index)
         y = torch.where(_along(valid, axis, g.dim()), g, 0).sum(axis + 1, dtype=acc)
         lengths = _along(lengths, axis, y.dim())
         divisor = lengths if divisor is None else divisor * lengths
+    if divisible:  # every divisible axis is a free (O, K) view: one reduction over all their K axes
+        for d in reversed(divisible):
+            y = y.unflatten(first + d, (output_size[d], v.shape[first + d] // output_size[d]))
+        y = y.sum(tuple(first + d + i + 1 for i, d in enumerate(divisible)), dtype=acc)
+        k = math.prod(v.shape[first + d] // output_size[d] for d in divisible)
+        divisor = k if divisor is None else divisor * k
     if divisor is None:  # every axis kept its size: a copy
         return x.clone(memory_format=torch.preserve_format)
     return _logical((y / divisor).to(x.dtype), cl)
@@ -149,15 +177,18 @@ def _shape_with(v: torch.Tensor, first: int, sizes) -> list:
     return shape
 
 
-def _pick(g: torch.Tensor, dim: int) -> torch.Tensor:
-    """PyTorch's choice along ``dim`` (keepdim): the first maximum, or the last NaN if any."""
-    k = g.shape[dim]
-    pos = _along(torch.arange(k, device=g.device), dim, g.dim())
-    first_max = torch.where(g == g.amax(dim, keepdim=True), pos, k).amin(dim, keepdim=True)
+def _pick(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's choice along ``dim`` (keepdim): ``(value, position)`` of the first maximum, or of the last NaN.
+
+    ``Tensor.max(dim)`` returns the first maximal position (documented, every device) and
+    propagates NaN, so only the position of a NaN needs fixing: the last one wins.
+    """
+    values, first = g.max(dim, keepdim=True)
     if not g.is_floating_point():
-        return first_max
-    last_nan = torch.where(g.isnan(), pos, -1).amax(dim, keepdim=True)
-    return torch.where(last_nan >= 0, last_nan, first_max)
+        return values, first
+    # the last NaN is the first True of the reversed NaN mask (bool: one byte a element)
+    any_nan, last_from_end = g.isnan().flip(dim).max(dim, keepdim=True)
+    return values, torch.where(any_nan, g.shape[dim] - 1 - last_from_end, first)
 
 
 def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,15 +199,17 @@ def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tenso
     y, flat, stride = v, None, 1
     for d in reversed(range(len(output_size))):
         axis, length, out = first + d, input_size[d], output_size[d]
-        index, _, _ = _window_table(length, out, x.device)
-        g = _gather(y, axis, index)
-        pick = _pick(g, axis + 1)
-        y = g.gather(axis + 1, pick).squeeze(axis + 1)
-        coord = _along(index, axis, g.dim()).expand(g.shape).gather(axis + 1, pick).squeeze(axis + 1)
-        if flat is None:
-            flat = coord
+        g, _, index = _windows(y, axis, length, out)  # repeats in a row never change the pick
+        y, pick = _pick(g, axis + 1)
+        y = y.squeeze(axis + 1)
+        if index is None:  # divisible: window j starts at j * K
+            k = length // out
+            coord = pick.squeeze(axis + 1) + _along(torch.arange(out, device=x.device) * k, axis, y.dim())
+            earlier = None if flat is None else flat.unflatten(axis, (out, k))
         else:
-            flat = _gather(flat, axis, index).gather(axis + 1, pick).squeeze(axis + 1) + coord * stride
+            coord = _along(index, axis, g.dim()).expand(g.shape).gather(axis + 1, pick).squeeze(axis + 1)
+            earlier = None if flat is None else _gather(flat, axis, index)
+        flat = coord if earlier is None else earlier.gather(axis + 1, pick).squeeze(axis + 1) + coord * stride
         stride = stride * length
     return _logical(y, cl), _logical(flat, cl)
 
