@@ -8,8 +8,9 @@ output length ``O`` (windows from :mod:`anypool._bins`):
 
 * avg forward — gather the ``(O, K)`` window index, zero the repeats, sum; divide
   once by the product of the window lengths.  A divisible axis (``L % O == 0``) needs
-  no gather: it is the free view ``(O, L/O)``, and all such axes are summed in one pass.  (A matmul with the averaging matrix
-  would turn one ``inf`` into NaN everywhere, ``0 · inf``; the masked gather does not.)
+  no gather: it is the free view ``(O, L/O)``, and all such axes are summed in one pass.
+  (A matmul with the averaging matrix would turn one ``inf`` into NaN everywhere,
+  ``0 · inf``; the masked gather does not.)
 * avg backward — gather over the covering range ``[cover_first(i), cover_last(i)]``:
   ``dx[i] = Σ_j g[j] / len(j)``; a pure gather, so deterministic with no atomics and
   no cuBLAS (which needs ``CUBLAS_WORKSPACE_CONFIG`` under deterministic mode).
@@ -17,7 +18,8 @@ output length ``O`` (windows from :mod:`anypool._bins`):
   NaN when the window holds one), last spatial axis first, which picks exactly the
   row-major first maximum / last NaN of the product window; flat int64 indices.
 * max backward — gather gradient and indices over the product of the covering
-  ranges and keep those whose argmax is this input: deterministic, no scatter.
+  ranges and keep those whose argmax is this input: deterministic, no scatter.  On a
+  divisible axis each input has one covering output, so that axis is a broadcast view.
 
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
@@ -146,28 +148,43 @@ def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
     return _logical((y / divisor).to(x.dtype), cl)
 
 
+def _divides(length, out) -> bool:
+    return _static(length, out) and out > 0 and length % out == 0
+
+
+def _spread(y: torch.Tensor, axis: int, out, length) -> torch.Tensor:
+    """A divisible axis ``O -> L = O·k`` of ``y`` as the broadcast view ``(O, k)`` at ``axis``, ``axis + 1``."""
+    shape = list(y.shape)
+    shape.insert(axis + 1, length // out)
+    return y.unsqueeze(axis + 1).expand(shape)
+
+
 def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
     v, first, cl = _physical(grad_out)
     acc = _acc_dtype(grad_out.dtype)
     output_size = v.shape[first:first + len(input_size)]
     if 0 in output_size:
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
-    divisor, moved = None, []
+    divisor, gathered, spread = None, [], []
     for d, (length, out) in enumerate(zip(input_size, output_size)):
         if _static(length, out) and length == out:
             continue
         _, _, lengths = _window_table(length, out, grad_out.device)
         lengths = _along(lengths, first + d, v.dim())
         divisor = lengths if divisor is None else divisor * lengths
-        moved.append(d)
+        (spread if _divides(length, out) else gathered).append(d)
     if divisor is None:
         return grad_out.clone(memory_format=torch.preserve_format)
     y = v.to(acc) / divisor
-    for d in moved:
+    for d in gathered:
         axis = first + d
         index, valid = _cover_table(input_size[d], output_size[d], grad_out.device)
         g = _gather(y, axis, index)
         y = torch.where(_along(valid, axis, g.dim()), g, 0).sum(axis + 1)
+    if spread:  # a divisible axis sends each output to exactly its k inputs: broadcast views, one copy
+        for d in reversed(spread):
+            y = _spread(y, first + d, output_size[d], input_size[d])
+        y = y.reshape(_shape_with(v, first, input_size))
     return _logical(y.to(grad_out.dtype), cl)
 
 
@@ -223,19 +240,27 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
     ix = indices.movedim(1, -1) if cl else indices
     g = v.to(acc)
-    # after each axis ``first + 2d`` holds input position i_d and ``first + 2d + 1`` its covering outputs
+    # each spatial axis d becomes two: a divisible one (O, k) — input o·k + r, a broadcast view, its
+    # only covering output — or (L, Kc) — input i and its covering outputs, gathered; Kc is summed
+    pairs, summed = [], []
     for d in range(rank):
-        axis = first + 2 * d
-        index, valid = _cover_table(input_size[d], output_size[d], grad_out.device)
-        g = _gather(g, axis, index)
+        axis, length, out = first + 2 * d, input_size[d], output_size[d]
+        if _divides(length, out):
+            g, ix = _spread(g, axis, out, length), _spread(ix, axis, out, length)
+            pairs += [out, length // out]
+            continue
+        index, valid = _cover_table(length, out, grad_out.device)
+        g = torch.where(_along(valid, axis, g.dim() + 1), _gather(g, axis, index), 0)
         ix = _gather(ix, axis, index)
-        g = torch.where(_along(valid, axis, g.dim()), g, 0)
+        pairs += [length, 1]
+        summed.append(axis + 1)
     plane = torch.arange(math.prod(input_size) if _static(*input_size) else _prod(input_size), device=g.device)
-    target = plane.reshape([s for length in input_size for s in (length, 1)])
+    target = plane.reshape(pairs)  # row-major: (O, k) enumerates o·k + r, (L, 1) enumerates i
     target = target.reshape((1,) * first + tuple(target.shape) + (1,) * (g.dim() - first - target.dim()))
     g = torch.where(ix == target, g, 0)
-    g = g.sum(tuple(first + 2 * d + 1 for d in range(rank)))
-    return _logical(g.to(grad_out.dtype), cl)
+    if summed:
+        g = g.sum(tuple(summed), keepdim=True)
+    return _logical(g.reshape(_shape_with(v, first, input_size)).to(grad_out.dtype), cl)
 
 
 def _prod(sizes):
