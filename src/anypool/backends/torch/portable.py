@@ -20,6 +20,7 @@ output length ``O`` (windows from :mod:`anypool._bins`):
 * max backward — gather gradient and indices over the product of the covering
   ranges and keep those whose argmax is this input: deterministic, no scatter.  On a
   divisible axis each input has one covering output, so that axis is a broadcast view.
+  On the CPU (static sizes) a ``scatter_add`` instead: serial per row there, so deterministic.
 
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
@@ -34,6 +35,11 @@ import torch
 from ... import _bins
 
 __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last"]
+
+
+# devices whose scatter_add is deterministic by construction (serial within a row); elsewhere
+# (CUDA: atomics) max backward gathers over the covering ranges instead
+SCATTER_DEVICES = ("cpu",)
 
 
 def supports(x: torch.Tensor, output_size) -> bool:
@@ -240,6 +246,13 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
     ix = indices.movedim(1, -1) if cl else indices
     g = v.to(acc)
+    if g.device.type in SCATTER_DEVICES and _static(*input_size):
+        # CPU scatter_add adds each row serially in index order (parallel only across rows):
+        # deterministic, and O(outputs) rather than a gather over the covering ranges
+        flat_shape = [*v.shape[:first], math.prod(input_size), *v.shape[first + rank:]]
+        out = g.new_zeros(flat_shape).scatter_add_(first, ix.flatten(first, first + rank - 1),
+                                                   g.flatten(first, first + rank - 1))
+        return _logical(out.unflatten(first, tuple(input_size)).to(grad_out.dtype), cl)
     # each spatial axis d becomes two: a divisible one (O, k) — input o·k + r, a broadcast view, its
     # only covering output — or (L, Kc) — input i and its covering outputs, gathered; Kc is summed
     pairs, summed = [], []
