@@ -238,3 +238,18 @@ def test_ops_pick_the_implementation_table():
     with ops.force_implementation("portable"):
         assert ops.implementation(x, [2, 2]) is portable
     assert ops.implementation(torch.randn(1, 1, 4, 4, device="meta"), [2, 2]) is portable
+
+
+def test_first_call_inside_compile_has_no_graph_break():
+    """A fresh process whose first anypool call is inside torch.compile(fullgraph=True) (no import to trace)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, anypool\n"
+            "f = torch.compile(lambda t: anypool.adaptive_max_pool2d(t, 3), fullgraph=True, backend='eager')\n"
+            "print(f(torch.randn(1, 2, 7, 7)).shape)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([1, 2, 3, 3])" in done.stdout
