@@ -12,9 +12,16 @@ Along a spatial axis of length ``L`` pooled to ``O``, output ``j`` reduces input
 
 from __future__ import annotations
 
+import sys as _sys
+
 from . import _args, _dispatch
 from ._args import OutputSize
 from ._bins import AxisBins, bins
+
+if "torch" in _sys.modules:
+    # torch.compile cannot trace an import: load the backend (and register its ops) now,
+    # not on the first call, which may be inside a compiled function
+    from .backends import torch as _torch_backend  # noqa: F401
 
 __version__ = "0.1.0"
 

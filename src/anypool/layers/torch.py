@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import anypool
+from anypool.backends import torch as _backend  # noqa: F401  (imported here, not inside a compiled forward)
 
 __all__ = [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
