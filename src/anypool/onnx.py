@@ -1,0 +1,540 @@
+"""ONNX export of adaptive pooling that is exact for every input size, static or dynamic.
+
+The torch backend's ops ``anypool::adaptive_avg_pool(x, output_size)`` and
+``anypool::adaptive_max_pool(x, output_size) -> (values, indices)`` (``x`` of shape
+``(N, C, *S)``, ``len(output_size)`` spatial axes) are translated into *standard*
+ONNX ops only (no custom domain).  The windows are computed **in the graph** from the
+run-time input shape with the integer formulas of :mod:`anypool._bins`::
+
+    start(j) = (j * L) // O          end(j) = ((j + 1) * L + O - 1) // O
+
+(the very same ``_bins.start_expr``/``end_expr`` functions, evaluated on ONNX int64
+values), so one file is exact for every height/width it is fed.  Per spatial axis
+(separable: a window is the product of per-axis windows):
+
+- gather ``idx[j, k] = min(start(j) + k, end(j) - 1)`` for ``k < K = max_j len(j)``
+  (``Range``/``Min``/``Gather``), giving ``(..., O, K, ...)``;
+- avg: ``ReduceSum`` of ``Where(k < len(j), gathered, 0)``, one ``Div`` by the product of
+  the window lengths at the end (NaN/inf outside a window never leak, as they would
+  through a ``MatMul`` with an averaging matrix);
+- max: ``ReduceMax`` plus an ``IsNaN`` fix-up (ONNX Runtime's ``ReduceMax``/``MaxPool``
+  drop NaN); with indices, PyTorch's rule — first maximum, or the last NaN, in
+  row-major order — from ``ArgMax`` on the values and ``ArgMax(select_last_index=1)`` on
+  ``IsNaN``, axis by axis from the last spatial axis to the first, carrying the int64
+  flat index into the spatial plane.
+
+Axes whose length is static at export time get constant windows (and a plain
+``AveragePool`` when every axis divides evenly).  float16/bfloat16 are computed in
+float32 and cast back; float64 stays float64.
+
+Default opset: :data:`DEFAULT_OPSET` (20, the default of ``torch.onnx.export`` in torch
+2.13).  The translations need opset >= 18 (dynamo exporter) / >= 13 (TorchScript exporter).
+
+Importing this module also registers the translations with both of PyTorch's exporters,
+so a plain ``torch.onnx.export(model, ..., dynamo=True)`` or ``dynamo=False`` of a model
+with anypool layers gives the same exact graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import _args, _bins
+
+__all__ = ["DEFAULT_OPSET", "export", "verify", "translation_table", "harness_columns"]
+
+DEFAULT_OPSET = 20
+"""The ONNX opset ``export`` targets unless told otherwise (torch.onnx's own default in torch 2.13)."""
+
+_AVG = "adaptive_avg_pool"
+_MAX = "adaptive_max_pool"
+
+# ONNX TensorProto data types used below.
+_FLOAT, _UINT8, _INT64, _BOOL, _FLOAT16, _DOUBLE, _BFLOAT16 = 1, 2, 7, 9, 10, 11, 16
+_NUMPY = {_FLOAT: np.float32, _DOUBLE: np.float64, _INT64: np.int64}
+
+
+# --------------------------------------------------------------------------- graph building
+class _Emitter:
+    """Emits ONNX nodes for one exporter: ``e("Op", *inputs, **attributes)``, ``e.const(array)``."""
+
+    opset = 18
+
+    def __call__(self, op_type: str, *inputs, **attributes):
+        raise NotImplementedError
+
+    def const(self, value: np.ndarray):
+        raise NotImplementedError
+
+    def reduce(self, op_type: str, x, axes: Sequence[int], keepdims: int = 0):
+        """``ReduceSum``/``ReduceMax`` over ``axes`` (axes became an input in opset 13/18)."""
+        if op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18:
+            return self(op_type, x, self.const(np.asarray(axes, np.int64)), keepdims=keepdims)
+        return self(op_type, x, axes=list(axes), keepdims=keepdims)
+
+    def unsqueeze(self, x, axes: Sequence[int]):
+        return self("Unsqueeze", x, self.const(np.asarray(axes, np.int64))) if axes else x
+
+    def squeeze(self, x, axes: Sequence[int]):
+        return self("Squeeze", x, self.const(np.asarray(axes, np.int64)))
+
+
+class _ScriptEmitter(_Emitter):
+    """The dynamo exporter: onnxscript ops recorded by the exporter's tracer."""
+
+    def __init__(self):
+        from onnxscript import opset18
+
+        self._op = opset18
+
+    def __call__(self, op_type, *inputs, **attributes):
+        return getattr(self._op, op_type)(*inputs, **attributes)
+
+    def const(self, value):
+        import onnx_ir as ir
+
+        return self._op.Constant(value=ir.tensor(np.asarray(value)))
+
+
+class _TorchScriptEmitter(_Emitter):
+    """The TorchScript exporter: ``g.op`` with typed attribute suffixes."""
+
+    def __init__(self, g, opset: int):
+        self.g = g
+        self.opset = opset
+
+    def __call__(self, op_type, *inputs, **attributes):
+        typed = {}
+        for name, v in attributes.items():
+            suffix = "is" if isinstance(v, (list, tuple)) else "f" if isinstance(v, float) else "i"
+            typed[f"{name}_{suffix}"] = v
+        return self.g.op(op_type, *inputs, **typed)
+
+    def const(self, value):
+        import torch
+
+        return self.g.op("Constant", value_t=torch.from_numpy(np.array(value)))
+
+
+class _Int:
+    """A run-time int64 ONNX value with ``+ - * //``, so the ``_bins.*_expr`` formulas apply unchanged.
+
+    ``//`` is ONNX ``Div``, which truncates; every operand here is >= 0, where that is floor division.
+    """
+
+    def __init__(self, e: _Emitter, value):
+        self.e, self.value = e, value
+
+    def _v(self, other):
+        return other.value if isinstance(other, _Int) else self.e.const(np.asarray(other, np.int64))
+
+    def _op(self, op_type, a, b):
+        return _Int(self.e, self.e(op_type, a, b))
+
+    def __add__(self, o):
+        return self._op("Add", self.value, self._v(o))
+
+    def __radd__(self, o):
+        return self._op("Add", self._v(o), self.value)
+
+    def __sub__(self, o):
+        return self._op("Sub", self.value, self._v(o))
+
+    def __mul__(self, o):
+        return self._op("Mul", self.value, self._v(o))
+
+    def __rmul__(self, o):
+        return self._op("Mul", self._v(o), self.value)
+
+    def __floordiv__(self, o):
+        return self._op("Div", self.value, self._v(o))
+
+
+class _Axis:
+    """The windows of one spatial axis, as ONNX values (constants when ``length`` is a static int).
+
+    ``index``: ``(O, K)`` gather indices, ``valid``: ``(O, K)`` bool ``k < len(j)``,
+    ``starts``/``ends``/``lengths``: ``(O,)`` int64.
+    """
+
+    def __init__(self, e: _Emitter, length, out: int):
+        self.e, self.length, self.out = e, length, out
+        self.static = isinstance(length, int)
+        if self.static:
+            b = _bins.axis_bins(length, out)
+            k = np.arange(_bins.max_window(length, out), dtype=np.int64)
+            self._np = {"starts": b.starts, "ends": b.ends, "lengths": b.lengths,
+                        "index": _bins.window_index(length, out), "valid": k < b.lengths[:, None]}
+            self.divisible = _bins.fixed_pool(length, out) is not None
+            return
+        self.divisible = False
+        j = _Int(e, e.const(np.arange(out, dtype=np.int64)))
+        starts = _bins.start_expr(j, length, out).value
+        ends = _bins.end_expr(j, length, out).value
+        lengths = e("Sub", ends, starts)
+        # K = the longest window (exact, so divisible sizes gather no padding column)
+        width = e.reduce("ReduceMax", lengths, [0]) if out else e.const(np.asarray(0, np.int64))
+        k = e("Range", e.const(np.asarray(0, np.int64)), width, e.const(np.asarray(1, np.int64)))
+        position = e("Add", e.unsqueeze(starts, [1]), k)  # (O, K)
+        last = e.unsqueeze(e("Sub", ends, e.const(np.asarray(1, np.int64))), [1])
+        self._values = {"starts": starts, "ends": ends, "lengths": lengths,
+                        "index": e("Min", position, last), "valid": e("Less", position, e.unsqueeze(ends, [1]))}
+
+    def get(self, name: str):
+        if self.static:
+            if name not in getattr(self, "_consts", {}):
+                self._consts = {**getattr(self, "_consts", {}), name: self.e.const(self._np[name])}
+            return self._consts[name]
+        return self._values[name]
+
+    def all_valid(self) -> bool:
+        return self.static and bool(self._np["valid"].all())
+
+
+def _compute_dtype(dtype: int) -> int:
+    return _DOUBLE if dtype == _DOUBLE else _FLOAT
+
+
+def _lengths_of(e: _Emitter, x, ndim: int, static: Sequence[int | None], rank: int) -> list:
+    """Each spatial length: the static int, or an ``_Int`` read from ``Shape(x)`` at run time."""
+    shape = None
+    sizes = []
+    for i, s in enumerate(static):
+        if s is not None:
+            sizes.append(int(s))
+            continue
+        if shape is None:
+            shape = e("Shape", x)
+        sizes.append(_Int(e, e("Gather", shape, e.const(np.asarray(ndim - rank + i, np.int64)))))
+    return sizes
+
+
+def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
+              static: Sequence[int | None]):
+    """Average pooling of ``x`` (``ndim`` dims, the last ``len(output_size)`` spatial)."""
+    rank = len(output_size)
+    compute = _compute_dtype(dtype)
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    axes = [_Axis(e, length, out) for length, out in zip(_lengths_of(e, x, ndim, static, rank), output_size)]
+    if all(a.static and a.divisible and a.out for a in axes):  # one fixed pool, as PyTorch's own static export
+        kernel = [a.length // a.out for a in axes]
+        y = e("AveragePool", y, kernel_shape=kernel, strides=kernel)
+        return y if compute == dtype else e("Cast", y, to=dtype)
+    zero = e.const(np.zeros((), _NUMPY[compute]))
+    for i, axis in enumerate(axes):
+        a = ndim - rank + i
+        rest = ndim - 1 - a
+        g = e("Gather", y, axis.get("index"), axis=a)  # (..., O, K, *rest)
+        if not axis.all_valid():
+            g = e("Where", e.unsqueeze(axis.get("valid"), list(range(2, 2 + rest))), g, zero)
+        y = e.reduce("ReduceSum", g, [a + 1])
+    # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
+    if all(axis.static for axis in axes):
+        denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
+        denominator = e.const(np.asarray(denominator, _NUMPY[compute]))
+    else:
+        denominator = None
+        for i, axis in enumerate(axes):
+            lengths = e.unsqueeze(e("Cast", axis.get("lengths"), to=compute), list(range(1, rank - i)))
+            denominator = lengths if denominator is None else e("Mul", denominator, lengths)
+    y = e("Div", y, denominator)
+    return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def build_max(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
+              static: Sequence[int | None], return_indices: bool = True):
+    """Max pooling of ``x``; returns ``(values, int64 flat indices)`` (indices ``None`` unless asked)."""
+    rank = len(output_size)
+    compute = _compute_dtype(dtype)
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    lengths = _lengths_of(e, x, ndim, static, rank)
+    axes = [_Axis(e, length, out) for length, out in zip(lengths, output_size)]
+    nan = e.const(np.asarray(np.nan, _NUMPY[compute]))
+    flat = None
+    stride = 1  # product of the input lengths of the axes already pooled (int or _Int)
+    # last spatial axis first: picking per axis in this order selects the row-major first max / last NaN
+    for i in reversed(range(rank)):
+        axis, a = axes[i], ndim - rank + i
+        rest = ndim - 1 - a
+        g = e("Gather", y, axis.get("index"), axis=a)  # (..., O, K, *rest)
+        nan_mask = e("IsNaN", g)
+        if not return_indices:
+            # ONNX Runtime's ReduceMax may skip a NaN: put it back where the window holds one
+            any_nan = e("Cast", e.reduce("ReduceMax", e("Cast", nan_mask, to=_UINT8), [a + 1]), to=_BOOL)
+            y = e("Where", any_nan, nan, e.reduce("ReduceMax", g, [a + 1]))
+            continue
+        first_max = e("ArgMax", g, axis=a + 1, keepdims=1)
+        nan_u8 = e("Cast", nan_mask, to=_FLOAT)
+        last_nan = e("ArgMax", nan_u8, axis=a + 1, keepdims=1, select_last_index=1)
+        any_nan = e("Cast", e.reduce("ReduceMax", nan_u8, [a + 1], keepdims=1), to=_BOOL)
+        pick = e("Where", any_nan, last_nan, first_max)  # (..., O, 1, *rest)
+        y = e.squeeze(e("GatherElements", g, pick, axis=a + 1), [a + 1])
+        # absolute position along the axis; Min undoes the repeated last index of short windows
+        shape_o = list(range(1, 1 + rest))
+        position = e("Min", e("Add", e.unsqueeze(axis.get("starts"), shape_o), e.squeeze(pick, [a + 1])),
+                     e.unsqueeze(e("Sub", axis.get("ends"), e.const(np.asarray(1, np.int64))), shape_o))
+        offset = position if isinstance(stride, int) and stride == 1 else e(
+            "Mul", position, stride.value if isinstance(stride, _Int) else e.const(np.asarray(stride, np.int64)))
+        if flat is not None:
+            carried = e.squeeze(e("GatherElements", e("Gather", flat, axis.get("index"), axis=a), pick, axis=a + 1),
+                                [a + 1])
+            offset = e("Add", offset, carried)
+        flat = offset
+        stride = stride * lengths[i] if isinstance(stride, int) and isinstance(lengths[i], int) else (
+            _Int(e, e.const(np.asarray(stride, np.int64))) if isinstance(stride, int) else stride) * lengths[i]
+    values = y if compute == dtype else e("Cast", y, to=dtype)
+    return values, flat
+
+
+class _ProtoEmitter(_Emitter):
+    """Builds a plain ``onnx`` graph (no torch needed): the harness column and graph-level tests."""
+
+    def __init__(self, opset: int = DEFAULT_OPSET):
+        self.opset = opset
+        self.nodes = []
+
+    def __call__(self, op_type, *inputs, **attributes):
+        from onnx import helper
+
+        name = f"v{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=f"n{len(self.nodes)}", **attributes))
+        return name
+
+    def const(self, value):
+        from onnx import helper, numpy_helper
+
+        name = f"v{len(self.nodes)}"
+        self.nodes.append(helper.make_node("Constant", [], [name], name=f"n{len(self.nodes)}",
+                                           value=numpy_helper.from_array(np.asarray(value))))
+        return name
+
+
+def standalone_model(op: str, output_size: Sequence[int], dtype: str = "float32",
+                     input_size: Sequence[int | None] | None = None, opset: int = DEFAULT_OPSET):
+    """The graph the exporters produce, as a self-contained ``onnx.ModelProto`` (no torch needed).
+
+    ``op``: ``"avg"``, ``"max"`` (values) or ``"argmax"`` (values, indices).  Input ``x`` of shape
+    ``(N, C, *input_size)``; ``input_size`` entries ``None`` (default: all) are dynamic.
+    """
+    from onnx import helper
+
+    output_size = _output_size(output_size, "anypool.onnx.standalone_model")
+    rank = len(output_size)
+    input_size = [None] * rank if input_size is None else list(input_size)
+    proto = _dtype_proto(dtype)
+    e = _ProtoEmitter(opset)
+    if op == "avg":
+        outs = [build_avg(e, "x", output_size, rank + 2, proto, input_size)]
+    else:
+        values, index = build_max(e, "x", output_size, rank + 2, proto, input_size, op == "argmax")
+        outs = [values, index] if op == "argmax" else [values]
+    out_names = ["y", "indices"][:len(outs)]
+    e.nodes += [helper.make_node("Identity", [v], [n]) for v, n in zip(outs, out_names)]
+    graph = helper.make_graph(
+        e.nodes, f"anypool_{op}_{rank}d",
+        [helper.make_tensor_value_info("x", proto, ["N", "C", *[s or f"S{i}" for i, s in enumerate(input_size)]])],
+        [helper.make_tensor_value_info(n, proto if n == "y" else _INT64, ["N", "C", *output_size]) for n in out_names])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+# --------------------------------------------------------------------------- exporters
+def _output_size(output_size, function: str) -> list[int]:
+    return list(_args.static_output_size(output_size, function))
+
+
+def _avg_translation(x, output_size):
+    """dynamo exporter: ``anypool::adaptive_avg_pool`` as standard ONNX ops."""
+    output_size = _output_size(output_size, "anypool::adaptive_avg_pool")
+    static = [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - len(output_size):]
+    return build_avg(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype), static)
+
+
+def _max_translation(x, output_size):
+    """dynamo exporter: ``anypool::adaptive_max_pool`` as standard ONNX ops (values, int64 indices)."""
+    output_size = _output_size(output_size, "anypool::adaptive_max_pool")
+    static = [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - len(output_size):]
+    return build_max(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype), static)
+
+
+def _torch_ops():
+    import torch
+
+    import anypool.backends.torch  # noqa: F401  (defines the anypool:: ops)
+
+    return torch.ops.anypool
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    ops = _torch_ops()
+    return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation}
+
+
+def _torchscript_symbolic(kind: str):
+    def symbolic(g, x, output_size):
+        from torch.onnx import symbolic_helper
+
+        opset = symbolic_helper.GLOBALS.export_onnx_opset_version
+        try:
+            size = symbolic_helper._parse_arg(output_size, "is")
+        except Exception:
+            size = output_size  # not a constant: reported below
+        size = _output_size(size, f"anypool::{kind}")
+        rank = len(size)
+        ndim = symbolic_helper._get_tensor_rank(x) or rank + 2
+        dtype = int(symbolic_helper._type_utils.JitScalarType.from_value(x).onnx_type())
+        e = _TorchScriptEmitter(g, opset)
+        # The TorchScript exporter may still show traced sizes for dims that dynamic_axes
+        # made dynamic, so every length is read from the run-time shape here.
+        if kind == _AVG:
+            return build_avg(e, x, size, ndim, dtype, [None] * rank)
+        return build_max(e, x, size, ndim, dtype, [None] * rank)
+
+    return symbolic
+
+
+_TORCHSCRIPT_OPSET = 13
+registered_with_dynamo = False
+"""Whether the translations are in the dynamo exporter's global table (a private torch API)."""
+
+
+def _register_globally() -> None:
+    """Make plain ``torch.onnx.export`` (both exporters) use these translations."""
+    global registered_with_dynamo
+    import torch.onnx
+
+    for kind in (_AVG, _MAX):
+        torch.onnx.register_custom_op_symbolic(f"anypool::{kind}", _torchscript_symbolic(kind), _TORCHSCRIPT_OPSET)
+    try:  # private: torch.onnx has no public global registry for dynamo translations
+        from torch.onnx._internal.exporter import _registration
+        from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+        for target, function in translation_table().items():
+            _torchlib_registry._registry.append(_registration.OnnxDecompMeta(
+                onnx_function=function, fx_target=target, signature=None, is_custom=True))
+        registered_with_dynamo = True
+    except Exception:  # a future torch: anypool.onnx.export still works, a plain export fails loudly
+        registered_with_dynamo = False
+
+
+def export(model, args, f, *, dynamic_shapes=None, opset_version: int | None = None, **kwargs):
+    """Export ``model`` to ONNX with adaptive pooling that is exact for every input size.
+
+    Plain ``torch.nn.AdaptiveAvgPool*``/``AdaptiveMaxPool*`` are first replaced by anypool's
+    layers (``anypool.layers.torch.convert`` on a deep copy; ``model`` is not changed).
+    ``dynamic_shapes`` is as in ``torch.export`` (e.g. ``({0: "N", 2: "H", 3: "W"},)``);
+    ``opset_version`` defaults to :data:`DEFAULT_OPSET`; other ``kwargs`` go to
+    ``torch.onnx.export(..., dynamo=True)``.  The file is checked with
+    ``onnx.checker.check_model(full_check=True)`` (which runs shape inference).
+    Returns the ``torch.onnx.ONNXProgram``.
+    """
+    import onnx
+    import torch
+
+    from anypool.layers.torch import convert
+
+    model = convert(copy.deepcopy(model))
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    program = torch.onnx.export(model, tuple(args) if isinstance(args, (list, tuple)) else (args,), f,
+                                dynamo=True, dynamic_shapes=dynamic_shapes,
+                                opset_version=opset_version or DEFAULT_OPSET,
+                                custom_translation_table=translation_table(), **kwargs)
+    proto = onnx.load(f) if f is not None and not hasattr(f, "write") else program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    return program
+
+
+# --------------------------------------------------------------------------- verification
+def _session(model):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def verify(f, reference_fn: Callable, shapes: Sequence[Sequence[int]], *, dtype=np.float32, atol: float = 1e-5,
+           seed: int = 0) -> int:
+    """Run the ONNX file ``f`` in ONNX Runtime on random inputs of every shape in ``shapes``
+    and compare each output with ``reference_fn(x)`` (NumPy in, NumPy or a tuple out).
+
+    Floating outputs must agree within ``atol`` (same NaN/inf positions), integer outputs
+    exactly.  Raises ``AssertionError`` naming the first mismatching shape; returns the
+    number of shapes checked.
+    """
+    session = _session(f)
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    for shape in shapes:
+        x = (rng.standard_normal(tuple(shape)) * 4).astype(dtype)
+        got = session.run(None, {name: x})
+        want = reference_fn(x)
+        want = list(want) if isinstance(want, (tuple, list)) else [want]
+        for k, (g, w) in enumerate(zip(got, want)):
+            w = np.asarray(w)
+            problem = None
+            if g.shape != w.shape:
+                problem = f"shape {g.shape} != {w.shape}"
+            elif np.issubdtype(w.dtype, np.integer):
+                if not np.array_equal(g, w):
+                    problem = "integer outputs differ"
+            elif not np.array_equal(np.isnan(g), np.isnan(w)):
+                problem = "NaN positions differ"
+            else:
+                ok = ~np.isnan(w)
+                err = np.abs(g[ok].astype(np.float64) - w[ok]).max(initial=0.0)
+                if not err <= atol:  # also catches inf vs finite
+                    problem = f"max abs error {err:.3g} > {atol}"
+            if problem:
+                raise AssertionError(f"anypool.onnx.verify: input shape {tuple(shape)}, output {k}: {problem}")
+    return len(shapes)
+
+
+# --------------------------------------------------------------------------- harness column
+def _dtype_proto(dtype: str) -> int:
+    return {"float32": _FLOAT, "float64": _DOUBLE, "float16": _FLOAT16}[dtype]
+
+
+@functools.lru_cache(maxsize=256)
+def _harness_session(op: str, output_size: tuple[int, ...], dtype: str):
+    """An ONNX Runtime session of the dynamic-shape graph for ``(N, C, *S)`` inputs of any size."""
+    return _session(standalone_model(op, output_size, dtype))
+
+
+def harness_columns():
+    """The ``onnxruntime`` column of ``anypool check``: the exported dynamic-shape graph, run in ONNX Runtime."""
+    import onnxruntime  # noqa: F401  (ImportError: no column)
+
+    from ._harness import Column
+
+    def run(case, x, op):
+        spec = case.spec
+        if spec.channels_last:  # the graph takes (N, C, *S)
+            x = np.moveaxis(x, -1, 1 if spec.batched else 0)
+        if not spec.batched:
+            x = x[None]
+        session = _harness_session("avg" if op == "avg" else "argmax", spec.output_size, case.dtype)
+        outs = session.run(None, {"x": np.ascontiguousarray(x)})
+        outs = [o[0] if not spec.batched else o for o in outs][:2 if op == "argmax" else 1]
+        if spec.channels_last:
+            outs = [np.moveaxis(o, 1 if spec.batched else 0, -1) for o in outs]
+        return tuple(outs) if op == "argmax" else outs[0]
+
+    def supports(case, op):
+        return case.dtype in ("float32", "float64", "float16") and all(o for o in case.spec.output_size)
+
+    return [Column("onnxruntime", run, supports)]
+
+
+try:
+    _register_globally()
+except ImportError:  # no torch (or no onnxscript): the standalone graphs above still work
+    pass
