@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
