@@ -195,3 +195,11 @@ def static_output_size(output_size, function: str) -> tuple[int, ...]:
                     "ints >= 0 fixed at export time (an output size computed from a dynamic input dimension, "
                     "or a None entry on a dynamic axis, cannot be exported: pass a constant output_size)")
     return tuple(int(s) for s in entries)
+
+
+def onnx_not_registered(function: str) -> RuntimeError:
+    """A plain ``torch.onnx.export(dynamo=True)`` that began before anypool's translations were registered."""
+    return _fail(RuntimeError, f"torch.onnx.export({function})", _Described("an export started before "
+                 "anypool's ONNX translations were registered"),
+                 "anypool.onnx.export(model, args, f, dynamic_shapes=...), or `import anypool.onnx` before "
+                 "torch.onnx.export, for a graph that is exact for every input size")

@@ -398,6 +398,7 @@ def _torchscript_symbolic(kind: str):
 
 
 _TORCHSCRIPT_OPSET = 13
+_exporting = False  # inside export(): the translations are passed explicitly
 registered_with_dynamo = False
 """Whether the translations are in the dynamo exporter's global table (a private torch API)."""
 
@@ -432,22 +433,64 @@ def export(model, args, f, *, dynamic_shapes=None, opset_version: int | None = N
     ``onnx.checker.check_model(full_check=True)`` (which runs shape inference).
     Returns the ``torch.onnx.ONNXProgram``.
     """
+    global _exporting
     import onnx
     import torch
 
-    from anypool.layers.torch import convert
-
-    model = convert(copy.deepcopy(model))
+    model = _converted(copy.deepcopy(model)) if isinstance(model, torch.nn.Module) else model
     if isinstance(model, torch.nn.Module):
         model.eval()
-    program = torch.onnx.export(model, tuple(args) if isinstance(args, (list, tuple)) else (args,), f,
-                                dynamo=True, dynamic_shapes=dynamic_shapes,
-                                opset_version=opset_version or DEFAULT_OPSET,
-                                custom_translation_table=translation_table(), **kwargs)
-    proto = onnx.load(f) if f is not None and not hasattr(f, "write") else program.model_proto
-    onnx.checker.check_model(proto, full_check=True)
+    kwargs.setdefault("verbose", False)
+    args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
+    _exporting = True
+    try:
+        # Captured here, non-strict only: torch.onnx.export would fall back to strict (Dynamo)
+        # capture, which bakes an output_size computed from a dynamic dimension into the graph
+        # silently; non-strict capture reports it (anypool._args: output_size must be ints).
+        if isinstance(model, torch.nn.Module):
+            model = torch.export.export(model, args, kwargs=kwargs.pop("kwargs", None),
+                                        dynamic_shapes=_export_dims(dynamic_shapes), strict=False)
+            args = ()
+        program = torch.onnx.export(model, args, f, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    opset_version=opset_version or DEFAULT_OPSET,
+                                    custom_translation_table=translation_table(), **kwargs)
+    finally:
+        _exporting = False
+    proto = program.model_proto
+    onnx.checker.check_model(proto if f is None or hasattr(f, "write") else str(f), full_check=True)
     onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     return program
+
+
+def _export_dims(spec):
+    """``dynamic_shapes`` for ``torch.export``: axis names (``{2: "H"}``) become ``Dim.DYNAMIC``.
+
+    ``torch.onnx.export`` is given the original names, which it uses to name the ONNX axes.
+    """
+    import torch
+
+    if isinstance(spec, str):
+        return torch.export.Dim.DYNAMIC
+    if isinstance(spec, dict):
+        return {k: _export_dims(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_export_dims(v) for v in spec)
+    return spec
+
+
+def _converted(model):
+    """``model`` with torch.nn's adaptive pools replaced by anypool's layers."""
+    import torch
+
+    try:
+        from anypool.layers.torch import convert
+    except ImportError:
+        native = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
+                  torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)
+        if any(isinstance(m, native) for m in model.modules()):
+            raise
+        return model
+    return convert(model)
 
 
 # --------------------------------------------------------------------------- verification
@@ -461,22 +504,26 @@ def _session(model):
 
 
 def verify(f, reference_fn: Callable, shapes: Sequence[Sequence[int]], *, dtype=np.float32, atol: float = 1e-5,
-           seed: int = 0) -> int:
-    """Run the ONNX file ``f`` in ONNX Runtime on random inputs of every shape in ``shapes``
-    and compare each output with ``reference_fn(x)`` (NumPy in, NumPy or a tuple out).
+           seed: int = 0, make_input: Callable | None = None) -> int:
+    """Run the ONNX model ``f`` (path or ``ModelProto``) in ONNX Runtime on a random input of
+    every shape in ``shapes`` and compare each output with ``reference_fn(x)`` (NumPy in,
+    an array or a tuple of arrays out).
 
-    Floating outputs must agree within ``atol`` (same NaN/inf positions), integer outputs
-    exactly.  Raises ``AssertionError`` naming the first mismatching shape; returns the
-    number of shapes checked.
+    Inputs are ``make_input(shape, rng)`` (default: normal values × 4 in ``dtype``).
+    Floating outputs must agree within ``atol`` with the same NaN/inf positions; integer
+    outputs (indices) exactly.  Raises ``AssertionError`` naming the first mismatching
+    shape; returns the number of shapes checked.
     """
     session = _session(f)
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(seed)
     for shape in shapes:
-        x = (rng.standard_normal(tuple(shape)) * 4).astype(dtype)
+        x = make_input(tuple(shape), rng) if make_input else (rng.standard_normal(tuple(shape)) * 4).astype(dtype)
         got = session.run(None, {name: x})
         want = reference_fn(x)
         want = list(want) if isinstance(want, (tuple, list)) else [want]
+        if len(got) != len(want):
+            raise AssertionError(f"anypool.onnx.verify: the model has {len(got)} outputs, the reference {len(want)}")
         for k, (g, w) in enumerate(zip(got, want)):
             w = np.asarray(w)
             problem = None
@@ -488,9 +535,11 @@ def verify(f, reference_fn: Callable, shapes: Sequence[Sequence[int]], *, dtype=
             elif not np.array_equal(np.isnan(g), np.isnan(w)):
                 problem = "NaN positions differ"
             else:
-                ok = ~np.isnan(w)
+                ok = np.isfinite(w)
                 err = np.abs(g[ok].astype(np.float64) - w[ok]).max(initial=0.0)
-                if not err <= atol:  # also catches inf vs finite
+                if not np.array_equal(g[np.isinf(w)], w[np.isinf(w)]) or not np.isfinite(g[ok]).all():
+                    problem = "inf positions differ"
+                elif not err <= atol:
                     problem = f"max abs error {err:.3g} > {atol}"
             if problem:
                 raise AssertionError(f"anypool.onnx.verify: input shape {tuple(shape)}, output {k}: {problem}")
