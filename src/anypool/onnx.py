@@ -51,6 +51,7 @@ DEFAULT_OPSET = 20
 """The ONNX opset ``export`` targets unless told otherwise (torch.onnx's own default in torch 2.13)."""
 
 _AVG = "adaptive_avg_pool"
+
 _MAX = "adaptive_max_pool"
 
 # ONNX TensorProto data types used below.
@@ -225,9 +226,13 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         y = e("AveragePool", y, kernel_shape=kernel, strides=kernel)
         return y if compute == dtype else e("Cast", y, to=dtype)
     zero = e.const(np.zeros((), _NUMPY[compute]))
+    # first spatial axis first: its Gather copies whole rows (the last axis would gather element by element)
     for i, axis in enumerate(axes):
         a = ndim - rank + i
         rest = ndim - 1 - a
+        if axis.out == 1:  # global along this axis: no gather
+            y = e.reduce("ReduceSum", y, [a], keepdims=1)
+            continue
         g = e("Gather", y, axis.get("index"), axis=a)  # (..., O, K, *rest)
         if not axis.all_valid():
             g = e("Where", e.unsqueeze(axis.get("valid"), list(range(2, 2 + rest))), g, zero)
@@ -253,24 +258,45 @@ def build_max(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
     y = x if compute == dtype else e("Cast", x, to=compute)
     lengths = _lengths_of(e, x, ndim, static, rank)
     axes = [_Axis(e, length, out) for length, out in zip(lengths, output_size)]
-    nan = e.const(np.asarray(np.nan, _NUMPY[compute]))
+    values = _max_values(e, y, axes, ndim)
+    flat = _max_indices(e, y, axes, lengths, ndim) if return_indices else None
+    return (values if compute == dtype else e("Cast", values, to=dtype)), flat
+
+
+def _max_values(e: _Emitter, y, axes: list[_Axis], ndim: int):
+    """Per axis, ``ReduceMax`` over the gathered windows.
+
+    ONNX Runtime's ``ReduceMax`` may skip a NaN, so each window's ``ReduceL1`` (NaN exactly
+    when the window holds a NaN: ``|±inf|`` sums to inf, never NaN) puts it back.
+    """
+    rank = len(axes)
+    for i, axis in enumerate(axes):
+        a = ndim - rank + i
+        if axis.out == 1:
+            g, over, keep = y, a, 1
+        else:
+            g, over, keep = e("Gather", y, axis.get("index"), axis=a), a + 1, 0
+        l1 = e.reduce("ReduceL1", g, [over], keepdims=keep)
+        y = e("Where", e("IsNaN", l1), l1, e.reduce("ReduceMax", g, [over], keepdims=keep))
+    return y
+
+
+def _max_indices(e: _Emitter, y, axes: list[_Axis], lengths: list, ndim: int):
+    """int64 flat offsets into the spatial plane of PyTorch's pick: the first maximum, or the last NaN.
+
+    Axis by axis from the last spatial axis to the first (the order that makes per-axis
+    picks the row-major first max / last NaN), carrying the flat offset of each pick.
+    """
+    rank = len(axes)
     flat = None
     stride = 1  # product of the input lengths of the axes already pooled (int or _Int)
-    # last spatial axis first: picking per axis in this order selects the row-major first max / last NaN
     for i in reversed(range(rank)):
         axis, a = axes[i], ndim - rank + i
         rest = ndim - 1 - a
         g = e("Gather", y, axis.get("index"), axis=a)  # (..., O, K, *rest)
-        nan_mask = e("IsNaN", g)
-        if not return_indices:
-            # ONNX Runtime's ReduceMax may skip a NaN: put it back where the window holds one
-            any_nan = e("Cast", e.reduce("ReduceMax", e("Cast", nan_mask, to=_UINT8), [a + 1]), to=_BOOL)
-            y = e("Where", any_nan, nan, e.reduce("ReduceMax", g, [a + 1]))
-            continue
         first_max = e("ArgMax", g, axis=a + 1, keepdims=1)
-        nan_u8 = e("Cast", nan_mask, to=_FLOAT)
-        last_nan = e("ArgMax", nan_u8, axis=a + 1, keepdims=1, select_last_index=1)
-        any_nan = e("Cast", e.reduce("ReduceMax", nan_u8, [a + 1], keepdims=1), to=_BOOL)
+        last_nan = e("ArgMax", e("Cast", e("IsNaN", g), to=_UINT8), axis=a + 1, keepdims=1, select_last_index=1)
+        any_nan = e("IsNaN", e.reduce("ReduceL1", g, [a + 1], keepdims=1))
         pick = e("Where", any_nan, last_nan, first_max)  # (..., O, 1, *rest)
         y = e.squeeze(e("GatherElements", g, pick, axis=a + 1), [a + 1])
         # absolute position along the axis; Min undoes the repeated last index of short windows
@@ -286,8 +312,7 @@ def build_max(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         flat = offset
         stride = stride * lengths[i] if isinstance(stride, int) and isinstance(lengths[i], int) else (
             _Int(e, e.const(np.asarray(stride, np.int64))) if isinstance(stride, int) else stride) * lengths[i]
-    values = y if compute == dtype else e("Cast", y, to=dtype)
-    return values, flat
+    return flat
 
 
 class _ProtoEmitter(_Emitter):
