@@ -121,6 +121,24 @@ def test_static_divisible_export_uses_a_fixed_pool(tmp_path):
     aox.verify(path, reference_fn("avg", (7, 7)), [(1, 2, 14, 21)], make_input=make_input("special"))
 
 
+def test_torch_nn_layers_are_converted_on_a_copy(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1), torch.nn.AdaptiveMaxPool2d((3, 4), return_indices=True))
+    before = type(model[1])
+    path = tmp_path / "nn.onnx"
+    aox.export(model.eval(), (torch.randn(2, 2, 9, 10),), path, dynamic_shapes=({0: "N", 2: "H", 3: "W"},))
+    assert type(model[1]) is before, "the caller's model is left as it was"
+    session = aox._session(str(path))
+    for shape in [(1, 2, 1, 1), (3, 2, 7, 11), (1, 2, 25, 4)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(got[1], want[1].numpy())
+    names = [d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    assert names == ["N", "", "H", "W"]
+
+
 def test_harness_column_agrees_with_reference():
     # the dynamic graph over the shared random cases: every layout, unbatched, float16/32/64, NaN/inf, ties
     column = aox.harness_columns()[0]

@@ -473,8 +473,10 @@ def export(model, args, f, *, dynamic_shapes=None, opset_version: int | None = N
         # capture, which bakes an output_size computed from a dynamic dimension into the graph
         # silently; non-strict capture reports it (anypool._args: output_size must be ints).
         if isinstance(model, torch.nn.Module):
-            model = torch.export.export(model, args, kwargs=kwargs.pop("kwargs", None),
-                                        dynamic_shapes=_export_dims(dynamic_shapes), strict=False)
+            # backed_size_oblivious: as torch.onnx.export, so an example batch of 1 stays dynamic
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                model = torch.export.export(model, args, kwargs=kwargs.pop("kwargs", None),
+                                            dynamic_shapes=_export_dims(dynamic_shapes), strict=False)
             args = ()
         program = torch.onnx.export(model, args, f, dynamo=True, dynamic_shapes=dynamic_shapes,
                                     opset_version=opset_version or DEFAULT_OPSET,
