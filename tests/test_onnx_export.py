@@ -237,6 +237,15 @@ def test_output_size_not_static_at_export_time_is_an_error(tmp_path):
                    dynamic_shapes=({2: "H", 3: "W"},))
 
 
+def test_export_hook_for_the_torch_backend():
+    from anypool import _onnx_hook
+
+    with pytest.raises(ValueError, match=r"anypool::adaptive_max_pool\(output_size\): got \[None, 3\]"):
+        _onnx_hook.on_export([None, 3], "anypool::adaptive_max_pool")
+    assert aox.registered_with_dynamo  # so a plain dynamo export that began after `import anypool.onnx` is exact
+    _onnx_hook.on_export([2, 3], "anypool::adaptive_max_pool")  # no export running: nothing to complain about
+
+
 def test_verify_catches_a_wrong_graph(tmp_path):
     # a graph of the right shape but the wrong windows must not pass verify
     model = aox.standalone_model("avg", (3,), input_size=(10,))

@@ -51,5 +51,5 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
             rows.append(Row("onnx", case.label(), op, "fwd", t_dynamic, {"ort-static": t_static, "torch": t_torch},
                             bytes_moved=case.nbytes + out_bytes))
             if progress:
-                progress()
+                progress(f"onnx {op} {case.label()}")
     return rows
