@@ -168,8 +168,11 @@ class _Axis:
         if self.static:
             b = _bins.axis_bins(length, out)
             k = np.arange(_bins.max_window(length, out), dtype=np.int64)
+            short = int(b.lengths.min()) if out else 0
             self._np = {"starts": b.starts, "ends": b.ends, "lengths": b.lengths,
-                        "index": _bins.window_index(length, out), "valid": k < b.lengths[:, None]}
+                        "index": _bins.window_index(length, out), "valid": k < b.lengths[:, None],
+                        "main": b.starts[:, None] + np.arange(short, dtype=np.int64),
+                        "extra": np.minimum(b.starts + short, b.ends - 1), "has_extra": b.lengths > short}
             self.divisible = _bins.fixed_pool(length, out) is not None
             return
         self.divisible = False
@@ -184,6 +187,13 @@ class _Axis:
         last = e.unsqueeze(e("Sub", ends, e.const(np.asarray(1, np.int64))), [1])
         self._values = {"starts": starts, "ends": ends, "lengths": lengths,
                         "index": e("Min", position, last), "valid": e("Less", position, e.unsqueeze(ends, [1]))}
+        if out:
+            short = e.reduce("ReduceMin", lengths, [0])
+            self._values["main"] = e("Add", e.unsqueeze(starts, [1]),
+                                     e("Range", e.const(np.asarray(0, np.int64)), short,
+                                       e.const(np.asarray(1, np.int64))))
+            self._values["extra"] = e("Min", e("Add", starts, short), e("Sub", ends, e.const(np.asarray(1, np.int64))))
+            self._values["has_extra"] = e("Greater", lengths, short)
 
     def get(self, name: str):
         if self.static:
@@ -192,8 +202,20 @@ class _Axis:
             return self._consts[name]
         return self._values[name]
 
+    def all_same(self) -> bool:
+        """Every window has the same length (static sizes only)."""
+        return self.static and not self._np["has_extra"].any()
+
     def all_valid(self) -> bool:
         return self.static and bool(self._np["valid"].all())
+
+
+def _global_tail(axes: list[_Axis]) -> int:
+    """The first axis of the run of global (``O == 1``) axes that ends the spatial axes."""
+    k = len(axes)
+    while k and axes[k - 1].out == 1:
+        k -= 1
+    return k
 
 
 def _compute_dtype(dtype: int) -> int:
@@ -226,17 +248,24 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         y = e("AveragePool", y, kernel_shape=kernel, strides=kernel)
         return y if compute == dtype else e("Cast", y, to=dtype)
     zero = e.const(np.zeros((), _NUMPY[compute]))
+    pooled = _global_tail(axes)
+    if pooled < rank:  # trailing global axes: one reduction over contiguous memory
+        y = e.reduce("ReduceSum", y, list(range(ndim - rank + pooled, ndim)), keepdims=1)
     # first spatial axis first: its Gather copies whole rows (the last axis would gather element by element)
-    for i, axis in enumerate(axes):
+    for i, axis in enumerate(axes[:pooled]):
         a = ndim - rank + i
         rest = ndim - 1 - a
         if axis.out == 1:  # global along this axis: no gather
             y = e.reduce("ReduceSum", y, [a], keepdims=1)
             continue
-        g = e("Gather", y, axis.get("index"), axis=a)  # (..., O, K, *rest)
-        if not axis.all_valid():
-            g = e("Where", e.unsqueeze(axis.get("valid"), list(range(2, 2 + rest))), g, zero)
-        y = e.reduce("ReduceSum", g, [a + 1])
+        # every window has length k or k + 1 (k = the shortest): sum its first k inputs (one
+        # Gather, nothing to mask), then add the (k+1)-th where the window has one
+        shape_o = list(range(1, 1 + rest))
+        y_main = e.reduce("ReduceSum", e("Gather", y, axis.get("main"), axis=a), [a + 1])  # (..., O, *rest)
+        if not axis.all_same():
+            extra = e("Gather", y, axis.get("extra"), axis=a)
+            y_main = e("Add", y_main, e("Where", e.unsqueeze(axis.get("has_extra"), shape_o), extra, zero))
+        y = y_main
     # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
     if all(axis.static for axis in axes):
         denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
