@@ -210,6 +210,9 @@ class _Axis:
         return self.static and bool(self._np["valid"].all())
 
 
+_SMALL_KERNEL = 16  # ONNX Runtime's AveragePool is fast for small kernels only (measured: 2x2 yes, 7x7 no)
+
+
 def _global_tail(axes: list[_Axis]) -> int:
     """The first axis of the run of global (``O == 1``) axes that ends the spatial axes."""
     k = len(axes)
@@ -243,18 +246,32 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
     compute = _compute_dtype(dtype)
     y = x if compute == dtype else e("Cast", x, to=compute)
     axes = [_Axis(e, length, out) for length, out in zip(_lengths_of(e, x, ndim, static, rank), output_size)]
-    if all(a.static and a.divisible and a.out for a in axes):  # one fixed pool, as PyTorch's own static export
-        kernel = [a.length // a.out for a in axes]
+    kernel = [a.length // a.out if a.static and a.divisible and a.out else 0 for a in axes]
+    if all(kernel) and np.prod(kernel) <= _SMALL_KERNEL:  # a fixed pool, as PyTorch's own static export
         y = e("AveragePool", y, kernel_shape=kernel, strides=kernel)
         return y if compute == dtype else e("Cast", y, to=dtype)
     zero = e.const(np.zeros((), _NUMPY[compute]))
     pooled = _global_tail(axes)
     if pooled < rank:  # trailing global axes: one reduction over contiguous memory
         y = e.reduce("ReduceSum", y, list(range(ndim - rank + pooled, ndim)), keepdims=1)
+    # static sizes that divide: a free Reshape (..., L, *rest) -> (..., O, L/O, *rest) and a ReduceSum
+    sizes = [a.length for a in axes[:pooled]] + [1] * (rank - pooled)
+    done = set()
+    for i in reversed(range(pooled)):
+        axis, a = axes[i], ndim - rank + i
+        trailing = sizes[i + 1:]
+        if not (kernel[i] and axis.out > 1 and all(isinstance(t, int) for t in trailing)):
+            continue
+        y = e("Reshape", y, e.const(np.asarray([0] * a + [axis.out, kernel[i]] + trailing, np.int64)))
+        y = e.reduce("ReduceSum", y, [a + 1])
+        sizes[i] = axis.out
+        done.add(i)
     # first spatial axis first: its Gather copies whole rows (the last axis would gather element by element)
     for i, axis in enumerate(axes[:pooled]):
         a = ndim - rank + i
         rest = ndim - 1 - a
+        if i in done:
+            continue
         if axis.out == 1:  # global along this axis: no gather
             y = e.reduce("ReduceSum", y, [a], keepdims=1)
             continue
