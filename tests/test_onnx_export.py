@@ -185,6 +185,15 @@ def test_plain_torch_onnx_export_is_exact_after_import(tmp_path, dynamo):
     aox.verify(path, reference_fn("max", (3, 5)), [(2, 3, 6, 11)], make_input=make_input("special"))
 
 
+@pytest.mark.parametrize("opset", [13, 17])
+def test_torchscript_export_older_opsets_rank3(tmp_path, opset):
+    path = tmp_path / "ts.onnx"
+    for op in ("avg", "max"):
+        torch.onnx.export(Pool(op, (2, 3, 4)), (torch.randn(1, 2, 5, 6, 7),), path, dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "N", 2: "D", 3: "H", 4: "W"}})
+        aox.verify(path, reference_fn(op, (2, 3, 4)), random_shapes(3, 8, seed=opset))
+
+
 def test_plain_torch_onnx_export_without_anypool_onnx_is_exact_or_loud(tmp_path):
     # a fresh process that never imports anypool.onnx: each exporter either fails loudly or is exact
     script = textwrap.dedent(f"""

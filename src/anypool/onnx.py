@@ -12,20 +12,23 @@ run-time input shape with the integer formulas of :mod:`anypool._bins`::
 values), so one file is exact for every height/width it is fed.  Per spatial axis
 (separable: a window is the product of per-axis windows):
 
-- gather ``idx[j, k] = min(start(j) + k, end(j) - 1)`` for ``k < K = max_j len(j)``
-  (``Range``/``Min``/``Gather``), giving ``(..., O, K, ...)``;
-- avg: ``ReduceSum`` of ``Where(k < len(j), gathered, 0)``, one ``Div`` by the product of
-  the window lengths at the end (NaN/inf outside a window never leak, as they would
-  through a ``MatMul`` with an averaging matrix);
-- max: ``ReduceMax`` plus an ``IsNaN`` fix-up (ONNX Runtime's ``ReduceMax``/``MaxPool``
-  drop NaN); with indices, PyTorch's rule — first maximum, or the last NaN, in
+- avg: every window has length ``k`` or ``k + 1`` (``k`` = the shortest), so one ``Gather``
+  of ``start(j) + [0, k)`` and a ``ReduceSum``, plus the ``(k+1)``-th element where a window
+  has one (``Where`` on a tensor ``k`` times smaller); one ``Div`` by the product of the
+  window lengths at the end.  No ``MatMul`` with an averaging matrix: ``0 * inf`` would
+  leak NaN into windows that do not hold the inf;
+- max: ``Gather`` of ``idx[j, k] = min(start(j) + k, end(j) - 1)`` (a repeated last index
+  never changes a max) and ``ReduceMax``, plus ``ReduceL1`` as the NaN detector (ONNX
+  Runtime's ``ReduceMax``/``MaxPool`` skip NaN; ``|x|`` sums to NaN exactly when a window
+  holds a NaN); with indices, PyTorch's rule — first maximum, or the last NaN, in
   row-major order — from ``ArgMax`` on the values and ``ArgMax(select_last_index=1)`` on
   ``IsNaN``, axis by axis from the last spatial axis to the first, carrying the int64
   flat index into the spatial plane.
 
-Axes whose length is static at export time get constant windows (and a plain
-``AveragePool`` when every axis divides evenly).  float16/bfloat16 are computed in
-float32 and cast back; float64 stays float64.
+Global axes (``O == 1``) are plain reductions.  Axes whose length is static at export
+time get constant windows; when it divides, a free ``Reshape`` to ``(O, L/O)`` and a
+``ReduceSum`` (``AveragePool`` when every axis divides with a small kernel).
+float16/bfloat16 are computed in float32 and cast back; float64 stays float64.
 
 Default opset: :data:`DEFAULT_OPSET` (20, the default of ``torch.onnx.export`` in torch
 2.13).  The translations need opset >= 18 (dynamo exporter) / >= 13 (TorchScript exporter).
@@ -111,7 +114,8 @@ class _TorchScriptEmitter(_Emitter):
     def __call__(self, op_type, *inputs, **attributes):
         typed = {}
         for name, v in attributes.items():
-            suffix = "is" if isinstance(v, (list, tuple)) else "f" if isinstance(v, float) else "i"
+            first = v[0] if isinstance(v, (list, tuple)) and v else v
+            suffix = "f" if isinstance(first, float) else "i"  # a list takes its element's suffix
             typed[f"{name}_{suffix}"] = v
         return self.g.op(op_type, *inputs, **typed)
 
