@@ -190,7 +190,7 @@ def test_torchscript_export_older_opsets_rank3(tmp_path, opset):
     path = tmp_path / "ts.onnx"
     for op in ("avg", "max"):
         torch.onnx.export(Pool(op, (2, 3, 4)), (torch.randn(1, 2, 5, 6, 7),), path, dynamo=False, opset_version=opset,
-                          input_names=["x"], dynamic_axes={"x": {0: "N", 2: "D", 3: "H", 4: "W"}})
+                          input_names=["x"], dynamic_axes={"x": {0: "N", 1: "C", 2: "D", 3: "H", 4: "W"}})
         aox.verify(path, reference_fn(op, (2, 3, 4)), random_shapes(3, 8, seed=opset))
 
 
