@@ -25,7 +25,10 @@ values), so one file is exact for every height/width it is fed.  Per spatial axi
   ``IsNaN``, axis by axis from the last spatial axis to the first, carrying the int64
   flat index into the spatial plane.
 
-Global axes (``O == 1``) are plain reductions.  Axes whose length is static at export
+A dynamic axis gets an ``If`` on ``L % O == 0``: when it divides at run time, a free
+``Reshape`` to ``(O, L/O)`` and a ``ReduceSum`` instead of the gathers (avg; dynamo exporter
+and standalone graphs — the TorchScript path always gathers).  Global axes (``O == 1``)
+are plain reductions.  Axes whose length is static at export
 time get constant windows; when it divides, a free ``Reshape`` to ``(O, L/O)`` and a
 ``ReduceSum`` (``AveragePool`` when every axis divides with a small kernel).
 float16/bfloat16 are computed in float32 and cast back; float64 stays float64.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -54,6 +58,7 @@ DEFAULT_OPSET = 20
 """The ONNX opset ``export`` targets unless told otherwise (torch.onnx's own default in torch 2.13)."""
 
 _AVG = "adaptive_avg_pool"
+_NAMES = itertools.count()
 
 _MAX = "adaptive_max_pool"
 
@@ -69,6 +74,13 @@ class _Emitter:
     opset = 18
 
     def __call__(self, op_type: str, *inputs, **attributes):
+        raise NotImplementedError
+
+    def branch(self) -> _Emitter | None:
+        """An emitter for an ``If`` branch (``None``: this exporter gets no ``If`` from us)."""
+        return None
+
+    def if_(self, cond, then: _Emitter, then_out, other: _Emitter, other_out, dtype: int, ndim: int):
         raise NotImplementedError
 
     def const(self, value: np.ndarray):
@@ -102,6 +114,40 @@ class _ScriptEmitter(_Emitter):
         import onnx_ir as ir
 
         return self._op.Constant(value=ir.tensor(np.asarray(value)))
+
+    def branch(self):
+        return _IrEmitter()
+
+    def if_(self, cond, then, then_out, other, other_out, dtype, ndim):
+        import onnx_ir as ir
+
+        graphs = []
+        for em, out, tag in ((then, then_out, "then"), (other, other_out, "else")):
+            out.type = ir.TensorType(ir.DataType(dtype))
+            graphs.append(ir.Graph((), [out], nodes=em.nodes, name=f"anypool_{tag}_{next(_NAMES)}"))
+        return self._op.If(cond, then_branch=graphs[0], else_branch=graphs[1])
+
+
+class _IrEmitter(_Emitter):
+    """The nodes of an ``If`` branch for the dynamo exporter (``onnx_ir`` nodes, outer values usable)."""
+
+    def __init__(self):
+        self.nodes = []
+
+    def __call__(self, op_type, *inputs, **attributes):
+        import onnx_ir as ir
+        from onnx_ir import convenience
+
+        node = ir.Node("", op_type, list(inputs), attributes=convenience.convert_attributes(attributes),
+                       num_outputs=1, version=18)
+        node.outputs[0].name = f"anypool_v{next(_NAMES)}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, value):
+        import onnx_ir as ir
+
+        return self("Constant", value=ir.tensor(np.asarray(value)))
 
 
 class _TorchScriptEmitter(_Emitter):
@@ -279,14 +325,17 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         if axis.out == 1:  # global along this axis: no gather
             y = e.reduce("ReduceSum", y, [a], keepdims=1)
             continue
-        # every window has length k or k + 1 (k = the shortest): sum its first k inputs (one
-        # Gather, nothing to mask), then add the (k+1)-th where the window has one
-        shape_o = list(range(1, 1 + rest))
-        y_main = e.reduce("ReduceSum", e("Gather", y, axis.get("main"), axis=a), [a + 1])  # (..., O, *rest)
-        if not axis.all_same():
-            extra = e("Gather", y, axis.get("extra"), axis=a)
-            y_main = e("Add", y_main, e("Where", e.unsqueeze(axis.get("has_extra"), shape_o), extra, zero))
-        y = y_main
+        then, other = e.branch(), e.branch()
+        if axis.static or then is None:
+            y = _window_sums(e, y, axis, a, rest, zero)
+            continue
+        # run time: when O divides L a free Reshape (..., O, L/O, *rest) and a ReduceSum, else the gathers
+        divides = e("Equal", e("Mod", axis.length.value, e.const(np.asarray(axis.out, np.int64))),
+                    e.const(np.asarray(0, np.int64)))
+        shape = then("Concat", then("Shape", y, start=0, end=a), then.const(np.asarray([axis.out, -1], np.int64)),
+                     then("Shape", y, start=a + 1), axis=0)
+        y = e.if_(divides, then, then.reduce("ReduceSum", then("Reshape", y, shape), [a + 1]),
+                  other, _window_sums(other, y, axis, a, rest, zero), compute, ndim)
     # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
     if all(axis.static for axis in axes):
         denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
@@ -298,6 +347,19 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
             denominator = lengths if denominator is None else e("Mul", denominator, lengths)
     y = e("Div", y, denominator)
     return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def _window_sums(e: _Emitter, y, axis: _Axis, a: int, rest: int, zero):
+    """The sum of every window along axis ``a``: ``(..., L, *rest)`` -> ``(..., O, *rest)``.
+
+    Every window has length k or k + 1 (k = the shortest): sum its first k inputs (one
+    Gather, nothing to mask), then add the (k+1)-th where the window has one.
+    """
+    y_main = e.reduce("ReduceSum", e("Gather", y, axis.get("main"), axis=a), [a + 1])
+    if axis.all_same():
+        return y_main
+    extra = e("Gather", y, axis.get("extra"), axis=a)
+    return e("Add", y_main, e("Where", e.unsqueeze(axis.get("has_extra"), list(range(1, 1 + rest))), extra, zero))
 
 
 def build_max(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
@@ -372,20 +434,31 @@ class _ProtoEmitter(_Emitter):
         self.opset = opset
         self.nodes = []
 
+    def _name(self):
+        return f"v{next(_NAMES)}"
+
     def __call__(self, op_type, *inputs, **attributes):
         from onnx import helper
 
-        name = f"v{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=f"n{len(self.nodes)}", **attributes))
+        name = self._name()
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=f"n{name}", **attributes))
         return name
 
     def const(self, value):
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
 
-        name = f"v{len(self.nodes)}"
-        self.nodes.append(helper.make_node("Constant", [], [name], name=f"n{len(self.nodes)}",
-                                           value=numpy_helper.from_array(np.asarray(value))))
-        return name
+        return self("Constant", value=numpy_helper.from_array(np.asarray(value)))
+
+    def branch(self):
+        return _ProtoEmitter(self.opset)
+
+    def if_(self, cond, then, then_out, other, other_out, dtype, ndim):
+        from onnx import helper
+
+        graphs = [helper.make_graph(em.nodes, f"{tag}_{self._name()}", [],
+                                    [helper.make_tensor_value_info(out, dtype, [None] * ndim)])
+                  for em, out, tag in ((then, then_out, "then"), (other, other_out, "else"))]
+        return self("If", cond, then_branch=graphs[0], else_branch=graphs[1])
 
 
 def standalone_model(op: str, output_size: Sequence[int], dtype: str = "float32",
