@@ -316,26 +316,22 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         y = e.reduce("ReduceSum", y, [a + 1])
         sizes[i] = axis.out
         done.add(i)
-    # first spatial axis first: its Gather copies whole rows (the last axis would gather element by element)
-    for i, axis in enumerate(axes[:pooled]):
-        a = ndim - rank + i
-        rest = ndim - 1 - a
-        if i in done:
-            continue
-        if axis.out == 1:  # global along this axis: no gather
-            y = e.reduce("ReduceSum", y, [a], keepdims=1)
-            continue
-        then, other = e.branch(), e.branch()
-        if axis.static or then is None:
-            y = _window_sums(e, y, axis, a, rest, zero)
-            continue
-        # run time: when O divides L a free Reshape (..., O, L/O, *rest) and a ReduceSum, else the gathers
-        divides = e("Equal", e("Mod", axis.length.value, e.const(np.asarray(axis.out, np.int64))),
-                    e.const(np.asarray(0, np.int64)))
-        shape = then("Concat", then("Shape", y, start=0, end=a), then.const(np.asarray([axis.out, -1], np.int64)),
-                     then("Shape", y, start=a + 1), axis=0)
-        y = e.if_(divides, then, then.reduce("ReduceSum", then("Reshape", y, shape), [a + 1]),
-                  other, _window_sums(other, y, axis, a, rest, zero), compute, ndim)
+    remaining = [i for i in range(pooled) if i not in done]
+    dynamic = [i for i in remaining if not axes[i].static and axes[i].out > 1]
+    then, other = e.branch(), e.branch()
+    if dynamic and then is not None:
+        # run time: when every dynamic size divides, free Reshapes (..., O, L/O, *rest) and ReduceSums,
+        # last axis first as for static sizes; else the gathers
+        divides = None
+        for i in dynamic:
+            d = e("Equal", e("Mod", axes[i].length.value, e.const(np.asarray(axes[i].out, np.int64))),
+                  e.const(np.asarray(0, np.int64)))
+            divides = d if divides is None else e("And", divides, d)
+        y_then = _sum_axes(then, y, axes, ndim, remaining[::-1], set(dynamic), zero)
+        y_else = _sum_axes(other, y, axes, ndim, remaining, set(), zero)
+        y = e.if_(divides, then, y_then, other, y_else, compute, ndim)
+    else:
+        y = _sum_axes(e, y, axes, ndim, remaining, set(), zero)
     # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
     if all(axis.static for axis in axes):
         denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
@@ -347,6 +343,25 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
             denominator = lengths if denominator is None else e("Mul", denominator, lengths)
     y = e("Div", y, denominator)
     return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def _sum_axes(e: _Emitter, y, axes: list[_Axis], ndim: int, order: list[int], reshape: set[int], zero):
+    """Window sums along the axes in ``order``; ``reshape``: axes known (at run time) to divide.
+
+    Gathers go first spatial axis first: a Gather along it copies whole rows (one along the
+    last axis copies element by element); reshaped axes go last first (ReduceSum over the last axis).
+    """
+    for i in order:
+        axis, a = axes[i], ndim - len(axes) + i
+        if axis.out == 1:  # global along this axis: no gather
+            y = e.reduce("ReduceSum", y, [a], keepdims=1)
+        elif i in reshape:
+            shape = e("Concat", e("Shape", y, start=0, end=a), e.const(np.asarray([axis.out, -1], np.int64)),
+                      e("Shape", y, start=a + 1), axis=0)
+            y = e.reduce("ReduceSum", e("Reshape", y, shape), [a + 1])
+        else:
+            y = _window_sums(e, y, axis, a, ndim - 1 - a, zero)
+    return y
 
 
 def _window_sums(e: _Emitter, y, axis: _Axis, a: int, rest: int, zero):
