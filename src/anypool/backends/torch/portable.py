@@ -7,8 +7,10 @@ and the result keeps that layout.  Per spatial axis of input length ``L`` and
 output length ``O`` (windows from :mod:`anypool._bins`):
 
 * avg forward — gather the ``(O, K)`` window index, zero the repeats, sum; divide
-  once by the product of the window lengths.  (A matmul with the averaging matrix
-  would turn one ``inf`` into NaN everywhere, ``0 · inf``; the masked gather does not.)
+  once by the product of the window lengths.  A divisible axis (``L % O == 0``) needs
+  no gather: it is the free view ``(O, L/O)``, and all such axes are summed in one pass.
+  (A matmul with the averaging matrix would turn one ``inf`` into NaN everywhere,
+  ``0 · inf``; the masked gather does not.)
 * avg backward — gather over the covering range ``[cover_first(i), cover_last(i)]``:
   ``dx[i] = Σ_j g[j] / len(j)``; a pure gather, so deterministic with no atomics and
   no cuBLAS (which needs ``CUBLAS_WORKSPACE_CONFIG`` under deterministic mode).
@@ -16,7 +18,9 @@ output length ``O`` (windows from :mod:`anypool._bins`):
   NaN when the window holds one), last spatial axis first, which picks exactly the
   row-major first maximum / last NaN of the product window; flat int64 indices.
 * max backward — gather gradient and indices over the product of the covering
-  ranges and keep those whose argmax is this input: deterministic, no scatter.
+  ranges and keep those whose argmax is this input: deterministic, no scatter.  On a
+  divisible axis each input has one covering output, so that axis is a broadcast view.
+  On the CPU (static sizes) a ``scatter_add`` instead: serial per row there, so deterministic.
 
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
@@ -31,6 +35,11 @@ import torch
 from ... import _bins
 
 __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last"]
+
+
+# devices whose scatter_add is deterministic by construction (serial within a row); elsewhere
+# (CUDA: atomics) max backward gathers over the covering ranges instead
+SCATTER_DEVICES = ("cpu",)
 
 
 def supports(x: torch.Tensor, output_size) -> bool:
@@ -87,7 +96,26 @@ def _along(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 def _gather(y: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     """``y`` with ``axis`` replaced by the two axes of ``index`` (rows of positions along ``axis``)."""
-    return y.index_select(axis, index.reshape(-1)).unflatten(axis, tuple(index.shape))
+    flat = index.reshape(-1)
+    inner = y.shape[axis + 1:]
+    # index_select copies whole trailing blocks (fast when they are long) but is 10x slower
+    # than advanced indexing when they are short (measured on CPU, torch 2.13)
+    if _static(*inner) and math.prod(inner) >= 256:
+        picked = y.index_select(axis, flat)
+    else:
+        picked = y[(slice(None),) * axis + (flat,)]
+    return picked.unflatten(axis, tuple(index.shape))
+
+
+def _windows(y: torch.Tensor, axis: int, length, out):
+    """``y`` with ``axis`` split into ``(O, K)`` windows, and the ``(O, K)`` validity mask (``None``: all valid).
+
+    A divisible axis is a free view (``K = L / O``); otherwise a gather of the window index.
+    """
+    if _static(length, out) and length % out == 0:
+        return y.unflatten(axis, (out, length // out)), None, None
+    index, valid, _ = _window_table(length, out, y.device)
+    return _gather(y, axis, index), valid, index
 
 
 def _empty(x: torch.Tensor, output_size, dtype=None) -> torch.Tensor:
@@ -103,19 +131,38 @@ def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
         return _empty(x, output_size)
     v, first, cl = _physical(x)
     acc = _acc_dtype(x.dtype)
-    y, divisor = v, None
+    y, divisor, divisible = v, None, []
     for d, out in enumerate(output_size):
-        axis, length = first + d, y.shape[first + d]
-        if _static(length) and length == out:
+        axis, length = first + d, v.shape[first + d]
+        if _static(length) and length % out == 0:
+            if length != out:
+                divisible.append(d)
             continue
         index, valid, lengths = _window_table(length, out, x.device)
         g = _gather(y, axis, index)
         y = torch.where(_along(valid, axis, g.dim()), g, 0).sum(axis + 1, dtype=acc)
         lengths = _along(lengths, axis, y.dim())
         divisor = lengths if divisor is None else divisor * lengths
+    if divisible:  # every divisible axis is a free (O, K) view: one reduction over all their K axes
+        for d in reversed(divisible):
+            y = y.unflatten(first + d, (output_size[d], v.shape[first + d] // output_size[d]))
+        y = y.sum(tuple(first + d + i + 1 for i, d in enumerate(divisible)), dtype=acc)
+        k = math.prod(v.shape[first + d] // output_size[d] for d in divisible)
+        divisor = k if divisor is None else divisor * k
     if divisor is None:  # every axis kept its size: a copy
         return x.clone(memory_format=torch.preserve_format)
     return _logical((y / divisor).to(x.dtype), cl)
+
+
+def _divides(length, out) -> bool:
+    return _static(length, out) and out > 0 and length % out == 0
+
+
+def _spread(y: torch.Tensor, axis: int, out, length) -> torch.Tensor:
+    """A divisible axis ``O -> L = O·k`` of ``y`` as the broadcast view ``(O, k)`` at ``axis``, ``axis + 1``."""
+    shape = list(y.shape)
+    shape.insert(axis + 1, length // out)
+    return y.unsqueeze(axis + 1).expand(shape)
 
 
 def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
@@ -124,22 +171,26 @@ def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
     output_size = v.shape[first:first + len(input_size)]
     if 0 in output_size:
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
-    divisor, moved = None, []
+    divisor, gathered, spread = None, [], []
     for d, (length, out) in enumerate(zip(input_size, output_size)):
         if _static(length, out) and length == out:
             continue
         _, _, lengths = _window_table(length, out, grad_out.device)
         lengths = _along(lengths, first + d, v.dim())
         divisor = lengths if divisor is None else divisor * lengths
-        moved.append(d)
+        (spread if _divides(length, out) else gathered).append(d)
     if divisor is None:
         return grad_out.clone(memory_format=torch.preserve_format)
     y = v.to(acc) / divisor
-    for d in moved:
+    for d in gathered:
         axis = first + d
         index, valid = _cover_table(input_size[d], output_size[d], grad_out.device)
         g = _gather(y, axis, index)
         y = torch.where(_along(valid, axis, g.dim()), g, 0).sum(axis + 1)
+    if spread:  # a divisible axis sends each output to exactly its k inputs: broadcast views, one copy
+        for d in reversed(spread):
+            y = _spread(y, first + d, output_size[d], input_size[d])
+        y = y.reshape(_shape_with(v, first, input_size))
     return _logical(y.to(grad_out.dtype), cl)
 
 
@@ -149,15 +200,18 @@ def _shape_with(v: torch.Tensor, first: int, sizes) -> list:
     return shape
 
 
-def _pick(g: torch.Tensor, dim: int) -> torch.Tensor:
-    """PyTorch's choice along ``dim`` (keepdim): the first maximum, or the last NaN if any."""
-    k = g.shape[dim]
-    pos = _along(torch.arange(k, device=g.device), dim, g.dim())
-    first_max = torch.where(g == g.amax(dim, keepdim=True), pos, k).amin(dim, keepdim=True)
+def _pick(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's choice along ``dim`` (keepdim): ``(value, position)`` of the first maximum, or of the last NaN.
+
+    ``Tensor.max(dim)`` returns the first maximal position (documented, every device) and
+    propagates NaN, so only the position of a NaN needs fixing: the last one wins.
+    """
+    values, first = g.max(dim, keepdim=True)
     if not g.is_floating_point():
-        return first_max
-    last_nan = torch.where(g.isnan(), pos, -1).amax(dim, keepdim=True)
-    return torch.where(last_nan >= 0, last_nan, first_max)
+        return values, first
+    # the last NaN is the first True of the reversed NaN mask (bool: one byte a element)
+    any_nan, last_from_end = g.isnan().flip(dim).max(dim, keepdim=True)
+    return values, torch.where(any_nan, g.shape[dim] - 1 - last_from_end, first)
 
 
 def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,15 +222,17 @@ def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tenso
     y, flat, stride = v, None, 1
     for d in reversed(range(len(output_size))):
         axis, length, out = first + d, input_size[d], output_size[d]
-        index, _, _ = _window_table(length, out, x.device)
-        g = _gather(y, axis, index)
-        pick = _pick(g, axis + 1)
-        y = g.gather(axis + 1, pick).squeeze(axis + 1)
-        coord = _along(index, axis, g.dim()).expand(g.shape).gather(axis + 1, pick).squeeze(axis + 1)
-        if flat is None:
-            flat = coord
+        g, _, index = _windows(y, axis, length, out)  # repeats in a row never change the pick
+        y, pick = _pick(g, axis + 1)
+        y = y.squeeze(axis + 1)
+        if index is None:  # divisible: window j starts at j * K
+            k = length // out
+            coord = pick.squeeze(axis + 1) + _along(torch.arange(out, device=x.device) * k, axis, y.dim())
+            earlier = None if flat is None else flat.unflatten(axis, (out, k))
         else:
-            flat = _gather(flat, axis, index).gather(axis + 1, pick).squeeze(axis + 1) + coord * stride
+            coord = _along(index, axis, g.dim()).expand(g.shape).gather(axis + 1, pick).squeeze(axis + 1)
+            earlier = None if flat is None else _gather(flat, axis, index)
+        flat = coord if earlier is None else earlier.gather(axis + 1, pick).squeeze(axis + 1) + coord * stride
         stride = stride * length
     return _logical(y, cl), _logical(flat, cl)
 
@@ -190,19 +246,34 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
     ix = indices.movedim(1, -1) if cl else indices
     g = v.to(acc)
-    # after each axis ``first + 2d`` holds input position i_d and ``first + 2d + 1`` its covering outputs
+    if g.device.type in SCATTER_DEVICES and _static(*input_size):
+        # CPU scatter_add adds each row serially in index order (parallel only across rows):
+        # deterministic, and O(outputs) rather than a gather over the covering ranges
+        flat_shape = [*v.shape[:first], math.prod(input_size), *v.shape[first + rank:]]
+        out = g.new_zeros(flat_shape).scatter_add_(first, ix.flatten(first, first + rank - 1),
+                                                   g.flatten(first, first + rank - 1))
+        return _logical(out.unflatten(first, tuple(input_size)).to(grad_out.dtype), cl)
+    # each spatial axis d becomes two: a divisible one (O, k) — input o·k + r, a broadcast view, its
+    # only covering output — or (L, Kc) — input i and its covering outputs, gathered; Kc is summed
+    pairs, summed = [], []
     for d in range(rank):
-        axis = first + 2 * d
-        index, valid = _cover_table(input_size[d], output_size[d], grad_out.device)
-        g = _gather(g, axis, index)
+        axis, length, out = first + 2 * d, input_size[d], output_size[d]
+        if _divides(length, out):
+            g, ix = _spread(g, axis, out, length), _spread(ix, axis, out, length)
+            pairs += [out, length // out]
+            continue
+        index, valid = _cover_table(length, out, grad_out.device)
+        g = torch.where(_along(valid, axis, g.dim() + 1), _gather(g, axis, index), 0)
         ix = _gather(ix, axis, index)
-        g = torch.where(_along(valid, axis, g.dim()), g, 0)
+        pairs += [length, 1]
+        summed.append(axis + 1)
     plane = torch.arange(math.prod(input_size) if _static(*input_size) else _prod(input_size), device=g.device)
-    target = plane.reshape([s for length in input_size for s in (length, 1)])
+    target = plane.reshape(pairs)  # row-major: (O, k) enumerates o·k + r, (L, 1) enumerates i
     target = target.reshape((1,) * first + tuple(target.shape) + (1,) * (g.dim() - first - target.dim()))
     g = torch.where(ix == target, g, 0)
-    g = g.sum(tuple(first + 2 * d + 1 for d in range(rank)))
-    return _logical(g.to(grad_out.dtype), cl)
+    if summed:
+        g = g.sum(tuple(summed), keepdim=True)
+    return _logical(g.reshape(_shape_with(v, first, input_size)).to(grad_out.dtype), cl)
 
 
 def _prod(sizes):
