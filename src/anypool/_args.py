@@ -178,3 +178,28 @@ def unsupported_type(x, function: str) -> TypeError:
     kind = f"{type(x).__module__}.{type(x).__qualname__}"
     return _fail(TypeError, f"{function}(input)", _Described(f"an object of type {kind}"),
                  "a NumPy, PyTorch, JAX or TensorFlow array")
+
+
+def static_output_size(output_size, function: str) -> tuple[int, ...]:
+    """An export-time ``output_size``: one plain int >= 0 per spatial axis.
+
+    A size computed from a dynamic input dimension is only known when the graph runs,
+    but the exported graph's window layout needs it when it is built.
+    """
+    try:
+        entries = tuple(output_size)
+    except TypeError:
+        entries = (output_size,)
+    if not entries or not all(_is_int(s) and s >= 0 for s in entries):
+        raise _fail(ValueError, f"{function}(output_size)", _Described(repr(list(entries))),
+                    "ints >= 0 fixed at export time (an output size computed from a dynamic input dimension, "
+                    "or a None entry on a dynamic axis, cannot be exported: pass a constant output_size)")
+    return tuple(int(s) for s in entries)
+
+
+def onnx_not_registered(function: str) -> RuntimeError:
+    """A plain ``torch.onnx.export(dynamo=True)`` that began before anypool's translations were registered."""
+    return _fail(RuntimeError, f"torch.onnx.export({function})", _Described("an export started before "
+                 "anypool's ONNX translations were registered"),
+                 "anypool.onnx.export(model, args, f, dynamic_shapes=...), or `import anypool.onnx` before "
+                 "torch.onnx.export, for a graph that is exact for every input size")
