@@ -115,27 +115,40 @@ def _conform(out: torch.Tensor, x: torch.Tensor, spatial, dtype=None) -> torch.T
 # --- forward ops --------------------------------------------------------------------------------
 
 
+def _on_onnx_export(output_size, op: str) -> None:
+    """During ``torch.onnx.export``: make the export exact (registers anypool's translations) or fail loudly."""
+    if torch.onnx.is_in_onnx_export():
+        from ... import _onnx_hook
+
+        _onnx_hook.on_export(output_size, op)
+
+
+
 @torch.library.custom_op("anypool::adaptive_avg_pool", mutates_args=(),
                          schema="(Tensor x, int[] output_size) -> Tensor")
 def adaptive_avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    _on_onnx_export(output_size, "anypool::adaptive_avg_pool")
     out = implementation(x, output_size).avg_forward(x, output_size)
     return _conform(out, x, output_size)
 
 
 @adaptive_avg_pool.register_fake
 def _(x, output_size):
+    _on_onnx_export(output_size, "anypool::adaptive_avg_pool")
     return _layout_empty(x, output_size)
 
 
 @torch.library.custom_op("anypool::adaptive_max_pool", mutates_args=(),
                          schema="(Tensor x, int[] output_size) -> (Tensor, Tensor)")
 def adaptive_max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _on_onnx_export(output_size, "anypool::adaptive_max_pool")
     values, indices = implementation(x, output_size).max_forward(x, output_size)
     return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
 
 
 @adaptive_max_pool.register_fake
 def _(x, output_size):
+    _on_onnx_export(output_size, "anypool::adaptive_max_pool")
     return _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
 
 
