@@ -190,6 +190,20 @@ def test_output_layout_follows_input():
     assert tk.avg_backward(values, (5, 4)).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_expanded_gradient():
+    # autograd's gradient of .sum() is a stride-0 expansion: read as is, grad_in laid out channels first
+    x = torch.randn(2, 3, 7, 5, device=DEVICE)
+    spec = _args.pool_spec(tuple(x.shape), (3, 4), 2)
+    g = torch.ones((), device=DEVICE).expand(2, 3, 3, 4)
+    dx = tk.avg_backward(g, (7, 5))
+    assert dx.is_contiguous()
+    want = reference.avg_pool_grad(np.ones((2, 3, 3, 4)), spec)
+    np.testing.assert_allclose(dx.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+    _, indices = tk.max_forward(x, (3, 4))
+    want = reference.max_pool_grad(np.ones((2, 3, 3, 4)), indices.cpu().numpy(), spec)
+    np.testing.assert_allclose(tk.max_backward(g, indices, (7, 5)).cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_max_ties_and_nan_selection():
     # one window of 6: ties pick the first, NaN the last NaN, -inf-only windows index their first
     rows = [[1, 3, 3, 0, 3, 2], [np.nan, 5, np.nan, 9, 1, 1], [-np.inf] * 6, [np.inf, 1, np.inf, np.nan, 0, 2]]

@@ -17,8 +17,8 @@ Max: NaN propagates, ties keep the first row-major position, a window holding Na
 reports its last NaN; indices are int64 flat offsets into the spatial plane.
 
 Spatial rank 1 and 2 run as rank 3 with leading length-1 axes.  Offsets are int32
-unless a tensor spans 2**31 elements or an ``L * O`` product could overflow, then
-int64 (the ``INT64`` specialisation).
+unless a tensor spans 2**30 elements or an ``L * O`` product reaches 2**30 (masked
+lanes may index up to twice past the end), then int64 (the ``INT64`` specialisation).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048
 _NUM_WARPS = 4
 _GRID_Y = 65535  # CUDA's limit on grid dims 1 and 2; the batch is split over both
-_INT32_LIMIT = 2**31
+# int64 offsets from 2**30 elements on: masked lanes of a tile can index up to twice past the end
+_INT32_LIMIT = 2**30
 _FORCE_INT64 = False  # tests set this to run the int64-offset specialisation on small tensors
 
 
@@ -81,7 +82,7 @@ if triton is not None:
         KW,
         IS_MAX: tl.constexpr, WITH_INDEX: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-        CL: tl.constexpr, GRID_Y: tl.constexpr, INT64: tl.constexpr,
+        CL: tl.constexpr, WA: tl.constexpr, GRID_Y: tl.constexpr, INT64: tl.constexpr,
     ):
         """One program: one output row (od, oh) x BLOCK_O outputs along the width x BLOCK_C channels.
 
@@ -111,7 +112,7 @@ if triton is not None:
         kw = tl.arange(0, BLOCK_W)
         # The tile's last axis is the memory-contiguous one (Triton spreads a warp's
         # threads along it): (outputs, window, channels) when channels are innermost
-        # in memory (CL), else (channels, outputs, window).  WA: the window axis.
+        # in memory (CL), else (channels, outputs, window).  WA: the window axis, 1 or 2.
         if CL:
             o = o[:, None, None]
             kw = kw[None, :, None]
@@ -122,7 +123,6 @@ if triton is not None:
             o = o[None, :, None]
             kw = kw[None, None, :]
             acc = tl.zeros((BLOCK_C, BLOCK_O, BLOCK_W), tl.float32)
-        WA: tl.constexpr = 1 if CL else 2
         d0 = _start(od, D, OD)
         d1 = _end(od, D, OD)
         h0 = _start(oh, H, OH)
@@ -284,9 +284,12 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
 
 
 def _channels_inner(t: torch.Tensor) -> bool:
-    """Whether ``C`` is the fastest-varying of the axes that are longer than 1."""
-    sized = [(t.stride(a), a) for a in range(1, t.dim()) if t.shape[a] > 1]
-    return bool(sized) and min(sized)[1] == 1
+    """Whether ``C`` varies faster in memory than every spatial axis longer than 1.
+
+    Ties (stride-0 expanded gradients, all-1 spatial sizes) count as channels first.
+    """
+    spatial = [t.stride(a) for a in range(2, t.dim()) if t.shape[a] > 1]
+    return t.shape[1] > 1 and bool(spatial) and t.stride(1) < min(spatial)
 
 
 def _empty(shape, like: torch.Tensor, channels_inner: bool, dtype=None) -> torch.Tensor:
@@ -351,7 +354,11 @@ def _num_warps(tile: int) -> int:
 
 def _launch(kernel, grid, *args, **meta):
     """Every launch goes through here (tests compile the same launches for a GPU target)."""
-    kernel[grid](*args, **meta)
+    if args[0].is_cuda:  # Triton launches on the current device
+        with torch.cuda.device(args[0].device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _grid(programs: int, n: int) -> tuple[int, int, int]:
@@ -385,7 +392,7 @@ def _forward(x: torch.Tensor, output_size, is_max: bool, with_index: bool):
             y.stride(0), y.stride(1), *sy,
             KW,
             IS_MAX=is_max, WITH_INDEX=with_index, BLOCK_O=bo, BLOCK_W=bw, BLOCK_C=bc,
-            CL=cl, GRID_Y=_GRID_Y, INT64=_needs_int64((x, y), (D, H, W), (OD, OH, OW)),
+            CL=cl, WA=1 if cl else 2, GRID_Y=_GRID_Y, INT64=_needs_int64((x, y), (D, H, W), (OD, OH, OW)),
             num_warps=_num_warps(bo * bw * bc))
     return y, idx
 
