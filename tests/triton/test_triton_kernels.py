@@ -154,6 +154,14 @@ def test_channels_last_with_differently_strided_gradient(values):
     _run_case(Case((1, 4, 5, 7), (4, 3), "channels_first", "float32", values, 8), "nchw", grad_layout="strided")
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+def test_merged_global_axes(layout):
+    # trailing axes pooled to 1 are merged into one when memory allows (not for the strided view)
+    for i, (shape, out) in enumerate([((1, 2, 3, 2, 5), (1, 1, 1)), ((1, 2, 3, 1, 4), (1, 3, 1)),
+                                      ((2, 3, 2, 3, 4), (2, 1, 1))]):
+        _run_case(_case(i, shape, out, "float32"), layout, grad_layout=layout)
+
+
 def test_harness_random_cases():
     """The shared differential harness: random shapes/layouts/dtypes/values, unbatched and channels_last."""
     cases = _harness.random_cases(16, seed=11, dtypes=("float16", "bfloat16", "float32"), max_length=8)
