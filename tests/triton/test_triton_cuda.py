@@ -1,0 +1,186 @@
+"""The Triton kernels on a real GPU: the differential harness at scale, PyTorch's native
+CUDA op, bitwise-deterministic backward, tensors beyond 2**31 elements and the public
+API under ``torch.use_deterministic_algorithms(True)`` and ``torch.compile``.
+
+Skipped without CUDA (and under ``TRITON_INTERPRET=1``); ``benchmarks/gpu_run.sh`` runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from anypool import _args, _harness  # noqa: E402
+from anypool.backends import numpy as reference  # noqa: E402
+from anypool.backends.torch import triton as tk  # noqa: E402
+
+if tk._INTERPRETED or not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU and compiled (not interpreted) Triton", allow_module_level=True)
+
+import torch.nn.functional as F  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _logical(case, x):
+    t = torch.from_numpy(x).to(DTYPES[case.dtype]).cuda()
+    spec = case.spec
+    if spec.channels_last:
+        t = t.movedim(-1, 1 if spec.batched else 0)
+    return t if spec.batched else t.unsqueeze(0)
+
+
+def _numpy(t):
+    t = t.cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_harness_values_indices_and_gradients(seed):
+    """400 random cases (every layout/dtype/value kind; lengths up to 48, 16 in 3-D) against the NumPy reference."""
+    dtypes = ("float16", "bfloat16", "float32")
+    cases = _harness.random_cases(70, seed=1000 + seed, ranks=(1, 2), dtypes=dtypes, max_length=48) + \
+        _harness.random_cases(30, seed=2000 + seed, ranks=(3,), dtypes=dtypes, max_length=16)
+    for case in cases:
+        x = case.input()
+        t = _logical(case, x)
+        out = case.spec.output_size
+        spec = _args.pool_spec(tuple(t.shape), out, case.rank)
+        avg = tk.avg_forward(t, out)
+        values, indices = tk.max_forward(t, out)
+        for op, got, want in (("avg", avg, reference.avg_pool(_numpy(t), spec)),
+                              ("argmax", (values, indices), reference.max_pool(_numpy(t), spec, True))):
+            got = tuple(map(_numpy, got)) if op == "argmax" else _numpy(got)
+            _, problem = _harness.compare(case, op, got, want)
+            assert problem is None, f"{op} {case.describe()}: {problem}"
+        g = torch.randn(avg.shape, device="cuda").to(DTYPES[case.dtype])
+        g64 = _numpy(g).astype(np.float64)
+        tol = _harness.AVG_TOLERANCE[case.dtype]
+        for got, want in ((tk.avg_backward(g, t.shape[2:]), reference.avg_pool_grad(g64, spec)),
+                          (tk.max_backward(g, indices, t.shape[2:]),
+                           reference.max_pool_grad(g64, _numpy(indices), spec))):
+            err = np.abs(_numpy(got).astype(np.float64) - want) / (1 + np.abs(want))
+            assert err.max(initial=0) <= tol, f"grad {case.describe()}: {err.max():.3g}"
+
+
+NATIVE_CASES = [
+    ((8, 64, 224, 224), (7, 7)), ((32, 512, 14, 14), (7, 7)), ((64, 2048, 7, 7), (1, 1)), ((8, 64, 100, 100), (33, 33)),
+    ((32, 64, 5, 5), (7, 7)), ((16, 256, 37, 53), (5, 9)), ((64, 256, 1000), (333,)), ((4, 64, 16, 56, 56), (4, 7, 7)),
+    ((2, 32, 9, 33, 33), (4, 5, 6)), ((4, 8, 3000, 7), (2, 3)),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,out", NATIVE_CASES)
+def test_against_native_cuda(shape, out, channels_last):
+    """Values and indices equal PyTorch's own CUDA kernels (avg to rounding), forward and backward."""
+    x = torch.randn(shape, device="cuda")
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    rank = len(out)
+    avg = getattr(F, f"adaptive_avg_pool{rank}d")
+    mx = getattr(F, f"adaptive_max_pool{rank}d")
+    size = out if rank > 1 else out[0]
+    torch.testing.assert_close(tk.avg_forward(x, out), avg(x, size), rtol=1e-5, atol=1e-5)
+    values, indices = tk.max_forward(x, out)
+    want_v, want_i = mx(x, size, return_indices=True)
+    assert torch.equal(values, want_v) and torch.equal(indices, want_i)
+    g = torch.randn(values.shape, device="cuda")
+    xr = x.detach().requires_grad_()
+    avg(xr, size).backward(g)
+    torch.testing.assert_close(tk.avg_backward(g, x.shape[2:]), xr.grad, rtol=1e-5, atol=1e-5)
+    xr.grad = None
+    mx(xr, size).backward(g)
+    torch.testing.assert_close(tk.max_backward(g, indices, x.shape[2:]), xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,out", [((16, 64, 56, 56), (7, 7)), ((16, 64, 13, 17), (40, 50)),
+                                       ((8, 32, 9, 33, 33), (4, 5, 6)), ((64, 256, 1000), (333,))])
+def test_backward_bitwise_deterministic(shape, out, channels_last, dtype):
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    values, indices = tk.max_forward(x, out)
+    g = torch.randn(values.shape, device="cuda", dtype=dtype)
+    for f in (lambda: tk.avg_backward(g, x.shape[2:]), lambda: tk.max_backward(g, indices, x.shape[2:])):
+        first = _bits(f())
+        for _ in range(3):
+            assert torch.equal(first, _bits(f()))
+
+
+def test_beyond_int32_offsets():
+    """A tensor of more than 2**31 elements: channel 1 lies past 2**31 and must match the same
+    kernels run on that channel alone (int32 offsets), bit for bit."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    x = torch.randn(1, 2, 2**15, 2**15 + 64, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31 and tk._needs_int64((x,), (1, *x.shape[2:]), (1, 5, 7))
+    part = x[:, 1:].contiguous()
+    for f in (lambda t: tk.avg_forward(t, (5, 7)), lambda t: tk.max_forward(t, (5, 7))[0],
+              lambda t: tk.max_forward(t, (5, 7))[1]):
+        assert torch.equal(f(x)[:, 1:], f(part))
+    g = torch.randn(1, 2, 5, 7, device="cuda", dtype=torch.float16)
+    dx = tk.avg_backward(g, x.shape[2:])
+    assert torch.equal(dx[:, 1:], tk.avg_backward(g[:, 1:].contiguous(), x.shape[2:]))
+    del dx
+    _, indices = tk.max_forward(x, (5, 7))
+    dx = tk.max_backward(g, indices, x.shape[2:])
+    assert torch.equal(dx[:, 1:], tk.max_backward(g[:, 1:].contiguous(), indices[:, 1:].contiguous(), x.shape[2:]))
+
+
+def _public_api():
+    import anypool
+    try:
+        import anypool.backends.torch  # noqa: F401  (the torch backend, another branch)
+    except ImportError:
+        pytest.skip("anypool's torch backend is not in this checkout")
+    return anypool
+
+
+@pytest.mark.parametrize("reduce", ["avg", "max"])
+def test_public_api_deterministic_mode(reduce):
+    """Through anypool's public API on CUDA: backward runs under use_deterministic_algorithms(True)
+    (PyTorch's own CUDA backward refuses to) and is bitwise reproducible."""
+    anypool = _public_api()
+    fn = anypool.adaptive_avg_pool2d if reduce == "avg" else anypool.adaptive_max_pool2d
+    x = torch.randn(8, 64, 37, 53, device="cuda")
+    g = torch.randn(8, 64, 5, 9, device="cuda")
+    grads = []
+    with torch.use_deterministic_algorithms(True):
+        for _ in range(2):
+            xr = x.clone().requires_grad_()
+            fn(xr, (5, 9)).backward(g)
+            grads.append(xr.grad)
+    assert torch.equal(grads[0], grads[1])
+    native = F.adaptive_avg_pool2d if reduce == "avg" else F.adaptive_max_pool2d
+    xr = x.clone().requires_grad_()
+    native(xr, (5, 9)).backward(g)
+    torch.testing.assert_close(grads[0], xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_public_api_torch_compile_fullgraph():
+    anypool = _public_api()
+
+    def f(x):
+        return anypool.adaptive_avg_pool2d(x, (5, 9)) + anypool.adaptive_max_pool2d(x, (5, 9))
+
+    x = torch.randn(4, 32, 37, 53, device="cuda", requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(x)
+    want = F.adaptive_avg_pool2d(x, (5, 9)) + F.adaptive_max_pool2d(x, (5, 9))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    want.sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,313 @@
+"""The Triton kernels against the NumPy reference.
+
+Runs the kernels on CPU tensors under ``TRITON_INTERPRET=1`` (how ``make test`` runs
+this directory) or, without the interpreter, on CUDA when a GPU is present.  Every
+kernel variant: avg/max forward and backward, spatial rank 1/2/3, NCHW,
+channels_last and arbitrary strides, float32/float16/bfloat16, NaN/inf, ties,
+upsampling, size-1 axes, windows longer than a tile, int32 and int64 offsets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from anypool import _args, _bins, _harness  # noqa: E402
+from anypool._harness import Case  # noqa: E402
+from anypool.backends import numpy as reference  # noqa: E402
+from anypool.backends.torch import triton as tk  # noqa: E402
+
+if tk._INTERPRETED:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- helpers
+
+def _logical(case: Case, x: np.ndarray) -> torch.Tensor:
+    """The case's input as a logical (N, C, *S) tensor; channels_last cases keep their strides."""
+    t = torch.from_numpy(x).to(DTYPES[case.dtype]).to(DEVICE)
+    spec = case.spec
+    if spec.channels_last:
+        t = t.movedim(-1, 1 if spec.batched else 0)
+    return t if spec.batched else t.unsqueeze(0)
+
+
+def _restore(case: Case, t: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`_logical` for a result, as NumPy (bfloat16 -> float32)."""
+    spec = case.spec
+    if not spec.batched:
+        t = t.squeeze(0)
+    if spec.channels_last:
+        t = t.movedim(1 if spec.batched else 0, -1)
+    t = t.cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same logical values with other strides: ``nchw``, ``cl`` (channels innermost)
+    or ``strided`` (every axis a step-2 view into a larger buffer, with a storage offset)."""
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "cl":
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    fill = float("nan") if t.is_floating_point() else -7
+    big = torch.full([2 * s + 1 for s in t.shape], fill, dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(1, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def _random(shape, dtype: str, seed: int) -> torch.Tensor:
+    """A gradient of ``dtype`` whose values are exact in that dtype."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+    return g.to(DTYPES[dtype]).to(DEVICE)
+
+
+def _check_grad(case: Case, got: torch.Tensor, want: np.ndarray, what: str) -> None:
+    got = got.cpu().double().numpy()
+    assert got.shape == want.shape, what
+    err = np.abs(got - want) / (1 + np.abs(want))
+    assert err.max(initial=0) <= _harness.AVG_TOLERANCE[case.dtype], f"{what}: error {err.max():.3g}"
+
+
+def _run_case(case: Case, layout: str = "as-is", grad_layout: str = "as-is") -> None:
+    """Forward (values, indices) and backward of avg and max on ``case``, against the reference."""
+    x = case.input()
+    t = _logical(case, x)
+    if layout != "as-is":
+        t = _relayout(t, layout)
+    out = case.spec.output_size
+    assert tk.supports(t, out)
+
+    avg = tk.avg_forward(t, out)
+    values, indices = tk.max_forward(t, out)
+    assert values.stride() == indices.stride()
+    for op, got in (("avg", _restore(case, avg)), ("argmax", (_restore(case, values), _restore(case, indices)))):
+        err, problem = _harness.compare(case, op, got, _harness.expected(case, x, op))
+        assert problem is None, f"{op} {case.describe()} {layout}: {problem}"
+
+    # backward, against the reference gradient on the logical (N, C, *S) problem
+    spec = _args.pool_spec(tuple(t.shape), out, case.rank)
+    g = _random(avg.shape, case.dtype, case.seed)
+    if grad_layout != "as-is":
+        g = _relayout(g, grad_layout)
+    g64 = g.cpu().double().numpy()
+    input_size = tuple(t.shape[2:])
+    _check_grad(case, tk.avg_backward(g, input_size), reference.avg_pool_grad(g64, spec), f"avg grad {case.describe()}")
+    idx = indices if grad_layout == "as-is" else _relayout(indices, grad_layout)
+    _check_grad(case, tk.max_backward(g, idx, input_size),
+                reference.max_pool_grad(g64, indices.cpu().numpy(), spec), f"max grad {case.describe()}")
+
+
+# ---------------------------------------------------------------- explicit cases
+
+SHAPES = [
+    # rank 1: non-divisible, window longer than any tile, upsampling, size-1 input, global
+    ((2, 3, 7), (3,)), ((1, 2, 300), (2,)), ((2, 2, 5), (12,)), ((1, 3, 1), (4,)), ((2, 3, 9), (1,)),
+    # rank 2: non-divisible, upsampling, size-1 axes, long windows along W and H, divisible, global
+    ((1, 3, 7, 9), (3, 4)), ((1, 2, 3, 4), (7, 9)), ((2, 3, 1, 7), (3, 1)), ((1, 2, 2, 300), (1, 2)),
+    ((1, 2, 24, 2), (2, 2)), ((1, 3, 4, 4), (2, 2)), ((2, 5, 3, 7), (1, 1)),
+    # rank 3: non-divisible, upsampling, size-1 axes, long depth windows
+    ((1, 2, 3, 4, 5), (2, 3, 2)), ((1, 2, 2, 2, 3), (3, 3, 4)), ((1, 3, 1, 1, 9), (1, 1, 2)),
+    ((1, 2, 12, 2, 2), (3, 1, 2)),
+]
+VALUES = ("normal", "ties", "special")
+
+
+def _case(i: int, shape, out, dtype: str) -> Case:
+    return Case(shape, out, "channels_first", dtype, VALUES[i % len(VALUES)], seed=100 + i)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[f"{s}->{o}" for s, o in SHAPES])
+def test_float32_every_layout(i, layout):
+    shape, out = SHAPES[i]
+    _run_case(_case(i, shape, out, "float32"), layout, grad_layout=layout)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[f"{s}->{o}" for s, o in SHAPES])
+def test_half_dtypes(i, dtype):
+    shape, out = SHAPES[i]
+    _run_case(_case(i + 1, shape, out, dtype), ("nchw", "cl")[i % 2])
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_channels_last_with_differently_strided_gradient(values):
+    # autograd may hand the backward an NCHW (or any) gradient for a channels_last forward
+    _run_case(Case((1, 4, 5, 7), (4, 3), "channels_first", "float32", values, 7), "cl", grad_layout="nchw")
+    _run_case(Case((1, 4, 5, 7), (4, 3), "channels_first", "float32", values, 8), "nchw", grad_layout="strided")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+def test_merged_global_axes(layout):
+    # trailing axes pooled to 1 are merged into one when memory allows (not for the strided view)
+    for i, (shape, out) in enumerate([((1, 2, 3, 2, 5), (1, 1, 1)), ((1, 2, 3, 1, 4), (1, 3, 1)),
+                                      ((2, 3, 2, 3, 4), (2, 1, 1))]):
+        _run_case(_case(i, shape, out, "float32"), layout, grad_layout=layout)
+
+
+def test_harness_random_cases():
+    """The shared differential harness: random shapes/layouts/dtypes/values, unbatched and channels_last."""
+    cases = _harness.random_cases(16, seed=11, dtypes=("float16", "bfloat16", "float32"), max_length=8)
+
+    def run(case: Case, x: np.ndarray, op: str):
+        t = _logical(case, x)
+        if op == "avg":
+            return _restore(case, tk.avg_forward(t, case.spec.output_size))
+        values, indices = tk.max_forward(t, case.spec.output_size)
+        return (_restore(case, values), _restore(case, indices)) if op == "argmax" else _restore(case, values)
+
+    report = _harness.check(_harness.Column("triton", run), cases)
+    assert report.cases > 0 and not report.failures, "\n".join(report.failures)
+
+
+def test_empty_outputs_and_batches():
+    x = torch.randn(2, 3, 5, 4, device=DEVICE)
+    assert tk.avg_forward(x, (0, 2)).shape == (2, 3, 0, 2)
+    values, indices = tk.max_forward(x, (3, 0))
+    assert values.shape == indices.shape == (2, 3, 3, 0) and indices.dtype == torch.int64
+    g = torch.randn(2, 3, 0, 2, device=DEVICE)
+    assert torch.equal(tk.avg_backward(g, (5, 4)), torch.zeros(2, 3, 5, 4, device=DEVICE))
+    empty = torch.randn(0, 3, 5, 4, device=DEVICE)
+    assert tk.avg_forward(empty, 2).shape == (0, 3, 2, 2)
+
+
+def test_output_layout_follows_input():
+    x = torch.randn(2, 6, 5, 4, device=DEVICE)
+    assert tk.avg_forward(x, 3).is_contiguous()
+    cl = x.to(memory_format=torch.channels_last)
+    values, indices = tk.max_forward(cl, 3)
+    assert values.is_contiguous(memory_format=torch.channels_last)
+    assert indices.is_contiguous(memory_format=torch.channels_last)
+    assert tk.avg_backward(values, (5, 4)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_expanded_gradient():
+    # autograd's gradient of .sum() is a stride-0 expansion: read as is, grad_in laid out channels first
+    x = torch.randn(2, 3, 7, 5, device=DEVICE)
+    spec = _args.pool_spec(tuple(x.shape), (3, 4), 2)
+    g = torch.ones((), device=DEVICE).expand(2, 3, 3, 4)
+    dx = tk.avg_backward(g, (7, 5))
+    assert dx.is_contiguous()
+    want = reference.avg_pool_grad(np.ones((2, 3, 3, 4)), spec)
+    np.testing.assert_allclose(dx.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+    _, indices = tk.max_forward(x, (3, 4))
+    want = reference.max_pool_grad(np.ones((2, 3, 3, 4)), indices.cpu().numpy(), spec)
+    np.testing.assert_allclose(tk.max_backward(g, indices, (7, 5)).cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_max_ties_and_nan_selection():
+    # one window of 6: ties pick the first, NaN the last NaN, -inf-only windows index their first
+    rows = [[1, 3, 3, 0, 3, 2], [np.nan, 5, np.nan, 9, 1, 1], [-np.inf] * 6, [np.inf, 1, np.inf, np.nan, 0, 2]]
+    x = torch.tensor(rows, dtype=torch.float32, device=DEVICE)[None]
+    values, indices = tk.max_forward(x, (1,))
+    assert indices.flatten().tolist() == [1, 2, 0, 3]
+    v = values.flatten().cpu().numpy()
+    assert v[0] == 3 and np.isnan(v[1]) and v[2] == -np.inf and np.isnan(v[3])
+
+
+def test_int64_offsets(monkeypatch):
+    """The int64-offset specialisation (used for tensors of >= 2**31 elements) on small tensors."""
+    monkeypatch.setattr(tk, "_FORCE_INT64", True)
+    for i, (shape, out) in enumerate([((1, 3, 5, 6), (4, 5)), ((1, 2, 2, 3, 4), (3, 5, 6)), ((2, 2, 300), (2,))]):
+        _run_case(_case(i, shape, out, "float32"), ("nchw", "cl")[i % 2])
+
+
+def test_batch_split_over_grid_axes(monkeypatch):
+    """Batches beyond one grid axis (65535 on CUDA) go over axes 1 and 2; shrink the limit to test it."""
+    monkeypatch.setattr(tk, "_GRID_Y", 2)
+    _run_case(Case((5, 3, 6), (4,), "channels_first", "float32", "special", 3), "nchw")
+    _run_case(Case((3, 3, 2, 5), (3, 2), "channels_first", "float32", "ties", 4), "cl")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_backward_is_bitwise_deterministic(layout):
+    # upsampling: many outputs per input, the case where atomics would reorder sums
+    x = _relayout(torch.randn(1, 4, 3, 5, device=DEVICE), layout)
+    g = _relayout(torch.randn(1, 4, 8, 16, device=DEVICE), layout)
+    _, indices = tk.max_forward(x, (8, 16))
+    for f in (lambda: tk.avg_backward(g, (3, 5)), lambda: tk.max_backward(g, indices, (3, 5))):
+        first, second = f(), f()
+        assert torch.equal(first.view(torch.int32), second.view(torch.int32))
+
+
+def test_supports():
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    assert tk.supports(x, (2, 2)) and tk.supports(x, 3) and tk.supports(x, (None, 2))
+    assert tk.supports(x.half(), 2) and tk.supports(x.bfloat16(), 2)
+    assert tk.supports(x[:, :, 0], 2) and tk.supports(x[..., None], (1, 2, 3))
+    assert not tk.supports(x.double(), 2)  # float64 stays on the portable path
+    assert not tk.supports(x.int(), 2)
+    assert not tk.supports(x[0, 0], 2)  # rank 0 spatial / unbatched forms are the caller's job
+    assert not tk.supports(torch.randn(1, 1, 2, 2, 2, 2, device=DEVICE), 1)
+    assert not tk.supports(x, (2, 2, 2))
+    assert not tk.supports(x.numpy() if DEVICE == "cpu" else x.cpu().numpy(), 2)
+
+
+# ---------------------------------------------------------------- device formulas
+
+def test_device_formulas_match_bins():
+    """The @triton.jit copies of _bins' start/end/cover formulas agree with _bins."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def formulas(j_ptr, l_ptr, o_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = k < n
+        j = tl.load(j_ptr + k, mask=m, other=0)
+        length = tl.load(l_ptr + k, mask=m, other=1)
+        out = tl.load(o_ptr + k, mask=m, other=1)
+        tl.store(out_ptr + 4 * k, tk._start(j, length, out), mask=m)
+        tl.store(out_ptr + 4 * k + 1, tk._end(j, length, out), mask=m)
+        tl.store(out_ptr + 4 * k + 2, tk._cover_first(j, length, out), mask=m)
+        tl.store(out_ptr + 4 * k + 3, tk._cover_last(j, length, out), mask=m)
+
+    pairs = np.array(list(itertools.product(range(1, 41), range(1, 41))), dtype=np.int64)
+    big = np.array([[2**31 - 1, 3], [100_003, 20_011], [65_537, 32_771], [7, 2**30]], dtype=np.int64)
+    for dtype, table in ((np.int32, pairs), (np.int64, np.concatenate([pairs, big]))):
+        # every output j < O (start/end) and every input i < L (cover) of small axes; spot values on big ones
+        spots = lambda L, O: {0, 1, min(L, O) - 1, max(L, O) // 2, max(L, O) - 1}  # noqa: E731
+        rows = [(i, L, O) for L, O in table.tolist() for i in (range(max(L, O)) if max(L, O) <= 40 else spots(L, O))]
+        j, L, O = (np.array(c, dtype=dtype) for c in zip(*rows))
+        got = torch.zeros((len(j), 4), dtype=torch.int64 if dtype == np.int64 else torch.int32, device=DEVICE)
+        args = [torch.from_numpy(a).to(DEVICE) for a in (j, L, O)]
+        formulas[(triton.cdiv(len(j), 1024),)](*args, got, len(j), BLOCK=1024)
+        j64, L64, O64 = (a.astype(np.int64) for a in (j, L, O))
+        ok_out, ok_in = j64 < O64, j64 < L64  # start/end are defined for outputs, cover for inputs
+        got = got.cpu().numpy().astype(np.int64)
+        assert np.array_equal(got[ok_out, 0], _bins.start_expr(j64, L64, O64)[ok_out])
+        assert np.array_equal(got[ok_out, 1], _bins.end_expr(j64, L64, O64)[ok_out])
+        assert np.array_equal(got[ok_in, 2], _bins.cover_first_expr(j64, L64, O64)[ok_in])
+        assert np.array_equal(got[ok_in, 3], _bins.cover_last_expr(j64, L64, O64)[ok_in])
+
+
+# ---------------------------------------------------------------- compiled (not interpreted) kernels
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile every variant for sm_90 (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    script = Path(__file__).with_name("compile_sm90.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compiled" in done.stdout, done.stdout
