@@ -82,7 +82,7 @@ def _check_grad(case: Case, got: torch.Tensor, want: np.ndarray, what: str) -> N
     got = got.cpu().double().numpy()
     assert got.shape == want.shape, what
     err = np.abs(got - want) / (1 + np.abs(want))
-    assert err.max(initial=0) <= _harness.AVG_TOLERANCE[case.dtype], f"{what}: error {err.max():.3g}"
+    assert err.max(initial=0) <= case.avg_tolerance, f"{what}: error {err.max():.3g}"
 
 
 def _run_case(case: Case, layout: str = "as-is", grad_layout: str = "as-is") -> None:

@@ -23,8 +23,6 @@ lanes may index up to twice past the end), then int64 (the ``INT64`` specialisat
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ... import _args, _bins
@@ -365,13 +363,6 @@ def _grid(programs: int, n: int) -> tuple[int, int, int]:
     return (programs, min(n, _GRID_Y), triton.cdiv(n, _GRID_Y))
 
 
-@functools.lru_cache(maxsize=1024)
-def _max_cover(length: int, out: int) -> int:
-    """The most outputs covering one input along an axis."""
-    first, last = _bins.axis_bins(length, out).cover()
-    return int((last - first).max()) + 1
-
-
 def _forward(x: torch.Tensor, output_size, is_max: bool, with_index: bool):
     n, c = x.shape[:2]
     out = tuple(_args.normalize_output_size(output_size, tuple(x.shape[2:])))
@@ -414,7 +405,7 @@ def _backward(grad_out: torch.Tensor, indices, input_size) -> torch.Tensor:
             grad_out.stride(0), grad_out.stride(1), *sg,
             ind.stride(0), ind.stride(1), *si,
             dx.stride(0), dx.stride(1), *sd,
-            _max_cover(W, OW),
+            _bins.max_cover(W, OW),
             IS_MAX=indices is not None, BLOCK_I=bi, BLOCK_C=bc,
             CL=cl, GRID_Y=_GRID_Y, INT64=_needs_int64((grad_out, ind, dx), (D, H, W), (OD, OH, OW)),
             num_warps=_num_warps(bi * bc))
