@@ -1,0 +1,389 @@
+"""The fast CPU path: numba kernels with parallel loops, one pass over memory.
+
+Every function takes *logical* channels-first tensors ``(N, C, *S)`` (spatial rank
+1–3) of any strides and returns tensors of the same memory format:
+
+* a tensor that is channels_last-strided (``C`` the innermost axis) is served as the
+  array ``(N, D, H, W, C)`` without a copy; the kernels vectorise over ``C``;
+* anything else is made NCHW-contiguous (a no-op when it already is) and served as
+  planes ``(N·C, D, H, W)``; the kernels vectorise along ``W``.
+
+Lower spatial ranks are the 3-D kernels with ``D = 1`` (and ``H = 1``).  Windows
+come from :mod:`anypool._bins` only: output ``j`` of an axis reduces
+``[starts[j], ends[j])`` and input ``i`` is covered by outputs ``cover_first[i] ..
+cover_last[i]``.  Both backward passes are gathers over that covering range, each
+input element written once by one thread — no atomics, bitwise identical run to run,
+contributions summed in row-major output order as PyTorch's CPU scatter does.
+
+Semantics are PyTorch's: float32/float64 accumulate in their own type (as PyTorch's
+CPU kernel), bfloat16 is computed in float32 and rounded once; max keeps the first
+maximum in row-major order, a window holding NaN reports its last NaN, indices are
+int64 flat offsets into the spatial plane; a window summing ``inf`` and ``-inf`` is NaN.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ... import _bins
+
+try:
+    import numba
+    from numba import njit
+except ImportError:  # pragma: no cover - the torch extra installs numba
+    numba = None
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward"]
+
+
+def supports(x: torch.Tensor, output_size) -> bool:
+    """Whether this path serves ``x`` pooled to ``output_size`` (else use the portable path)."""
+    output_size = tuple(output_size)
+    return (numba is not None and x.device.type == "cpu" and x.dtype in _DTYPES and 3 <= x.dim() <= 5
+            and len(output_size) == x.dim() - 2 and x.numel() > 0 and all(int(o) > 0 for o in output_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry, from _bins only: per axis (starts, ends) and (cover_first, cover_last), padded to 3 axes.
+
+
+def _geometry(input_size, output_size):
+    """Windows ``[start, end)`` and covering output ranges ``[first, last + 1)`` of the 3 canonical axes ``(D, H, W)``.
+
+    Missing leading axes have size 1; everything is uint64 (see the kernels).
+    """
+    pad = 3 - len(input_size)
+    axes = [_bins.axis_bins(1, 1)] * pad + [_bins.axis_bins(int(L), int(O)) for L, O in zip(input_size, output_size)]
+    windows = [a.astype(np.uint64) for b in axes for a in (b.starts, b.ends)]
+    covers = [a.astype(np.uint64) + k for b in axes for a, k in zip(b.cover(), (0, 1))]  # first, one past last
+    return windows, covers
+
+
+def _canonical(t: torch.Tensor, channels_last: bool):
+    """``t`` (N, C, *S) as a NumPy view ``(N, D, H, W, C)`` or ``(N·C, D, H, W)``."""
+    n, c, *s = t.shape
+    s = [1] * (3 - len(s)) + s
+    if channels_last:
+        return t.movedim(1, -1).reshape(n, *s, c).numpy()
+    return t.reshape(n * c, *s).numpy()
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """``C`` is the innermost axis (and the rest is dense): served without a copy as ``(N, *S, C)``."""
+    return t.shape[1] > 1 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+
+
+def _empty(n, c, size, channels_last: bool, dtype) -> torch.Tensor:
+    if channels_last:
+        return torch.empty(n, *size, c, dtype=dtype).movedim(-1, 1)
+    return torch.empty(n, c, *size, dtype=dtype)
+
+
+def _prepare(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numba has no bfloat16: compute in float32, round once at the end
+        t = t.float()
+    return t if channels_last else t.contiguous()
+
+
+_POOL: ThreadPoolExecutor | None = None
+_INLINE_ITEMS = 1 << 16  # below this many input elements the thread hand-off costs more than it saves
+
+
+def _launch(kernel, items: int, work: int, *arrays) -> None:
+    """Run ``kernel(lo, hi, *arrays)`` over ``[0, items)`` split across ``torch.get_num_threads()`` threads.
+
+    The kernels are serial and release the GIL; parts touch disjoint outputs.  Our own
+    threads (not a second OpenMP runtime beside torch's) keep the two cores from
+    fighting over spinning workers.
+    """
+    global _POOL
+    parts = max(1, min(torch.get_num_threads(), items, work // _INLINE_ITEMS))
+    bounds = [items * k // parts for k in range(parts + 1)]
+    if parts == 1:
+        kernel(0, items, *arrays)
+        return
+    if _POOL is None or _POOL._max_workers < parts - 1:
+        _POOL = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="anypool")
+    futures = [_POOL.submit(kernel, bounds[k], bounds[k + 1], *arrays) for k in range(1, parts)]
+    kernel(bounds[0], bounds[1], *arrays)
+    for f in futures:
+        f.result()
+
+
+def _spatial(input_size, dim):
+    size = tuple(int(s) for s in input_size)
+    return size[2:] if len(size) == dim else size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
+    """Mean over each window: ``(N, C, *S)`` → ``(N, C, *output_size)``, same memory format as ``x``."""
+    cl = _is_channels_last(x)
+    n, c, *size = x.shape
+    output_size = tuple(int(o) for o in output_size)
+    xx = _prepare(x, cl)
+    out = _empty(n, c, output_size, cl, xx.dtype)
+    windows, _ = _geometry(size, output_size)
+    xa, oa = _canonical(xx, cl), _canonical(out, cl)
+    items = oa.shape[0] * oa.shape[1] * oa.shape[2] if cl else xa.shape[0]
+    _launch(_avg_fwd_cl if cl else _avg_fwd_planar, items, xa.size, xa, oa, *windows)
+    return out.to(x.dtype)
+
+
+def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
+    """Gradient of :func:`avg_forward`: ``gin[i] = Σ_{j covers i} g[j] / |window j|`` (a gather, deterministic)."""
+    cl = _is_channels_last(grad_out)
+    n, c, *out_size = grad_out.shape
+    size = _spatial(input_size, grad_out.dim())
+    g = _prepare(grad_out, cl)
+    gin = _empty(n, c, size, cl, g.dtype)
+    windows, covers = _geometry(size, out_size)
+    ga, gia = _canonical(g, cl), _canonical(gin, cl)
+    items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
+    _launch(_avg_bwd_cl if cl else _avg_bwd_planar, items, gia.size, ga, gia, *windows, *covers)
+    return gin.to(grad_out.dtype)
+
+
+def max_forward(x: torch.Tensor, output_size):
+    """Max over each window and its int64 flat index in the spatial plane (PyTorch's first-max / last-NaN rule)."""
+    cl = _is_channels_last(x)
+    n, c, *size = x.shape
+    output_size = tuple(int(o) for o in output_size)
+    xx = _prepare(x, cl)
+    values = _empty(n, c, output_size, cl, xx.dtype)
+    indices = _empty(n, c, output_size, cl, torch.int64)
+    windows, _ = _geometry(size, output_size)
+    xa, va, ia = _canonical(xx, cl), _canonical(values, cl), _canonical(indices, cl)
+    items = va.shape[0] * va.shape[1] * va.shape[2] if cl else xa.shape[0]
+    _launch(_max_fwd_cl if cl else _max_fwd_planar, items, xa.size, xa, va, ia, *windows)
+    return values.to(x.dtype), indices
+
+
+def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> torch.Tensor:
+    """Gradient of :func:`max_forward`: each input sums the ``g`` of the covering outputs whose argmax it is."""
+    cl = _is_channels_last(indices)
+    n, c, *out_size = grad_out.shape
+    size = _spatial(input_size, grad_out.dim())
+    g = _prepare(grad_out, cl)
+    if cl:  # the kernel reads g and indices in the same (channels_last) order
+        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+    idx = indices if cl else indices.contiguous()
+    gin = _empty(n, c, size, cl, g.dtype)
+    windows, covers = _geometry(size, out_size)
+    ga, ia, gia = _canonical(g, cl), _canonical(idx, cl), _canonical(gin, cl)
+    items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
+    _launch(_max_bwd_cl if cl else _max_bwd_planar, items, gia.size, ga, ia, gia, *windows, *covers)
+    return gin.to(grad_out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels, each over the outer items ``[lo, hi)``: planar x (P, D, H, W), channels-last x (N, D, H, W, C).
+# Every index is unsigned (``_u``): numba then skips negative-index wrap-around, which is what lets LLVM
+# vectorise the inner loops.  Sums may be reassociated ("reassoc": LLVM vectorises window sums; results stay
+# within rounding of the sequential sum); nothing assumes the absence of NaN/inf except where checked.
+
+if numba is not None:
+    _jit = njit(cache=True, nogil=True)
+    _jit_sum = njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    _u = np.uint64
+
+    @_jit_sum
+    def _avg_fwd_planar(lo, hi, x, out, sd, ed, sh, eh, sw, ew):
+        # Per output row: sum the window's input rows into ``row``, then each window of ``row``.
+        od, oh, ow, width = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3]), _u(x.shape[3])
+        row = np.empty(x.shape[3], out.dtype)
+        for p in range(_u(lo), _u(hi)):
+            for a in range(od):
+                for b in range(oh):
+                    for w in range(width):
+                        row[w] = 0
+                    for d in range(sd[a], ed[a]):
+                        for h in range(sh[b], eh[b]):
+                            for w in range(width):
+                                row[w] += x[p, d, h, w]
+                    n = (ed[a] - sd[a]) * (eh[b] - sh[b])
+                    for c in range(ow):
+                        total = row[sw[c]]
+                        for w in range(sw[c] + _u(1), ew[c]):
+                            total += row[w]
+                        out[p, a, b, c] = total / (n * (ew[c] - sw[c]))
+
+    @_jit_sum
+    def _avg_fwd_cl(lo, hi, x, out, sd, ed, sh, eh, sw, ew):
+        # Per output position: the window's channel vectors summed into ``acc``.
+        od, oh, ow, channels = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3]), _u(out.shape[4])
+        acc = np.empty(out.shape[4], out.dtype)
+        for t in range(_u(lo), _u(hi)):
+            i, b = t // oh, t % oh
+            i, a = i // od, i % od
+            for c in range(ow):
+                for k in range(channels):
+                    acc[k] = 0
+                for d in range(sd[a], ed[a]):
+                    for h in range(sh[b], eh[b]):
+                        for w in range(sw[c], ew[c]):
+                            for k in range(channels):
+                                acc[k] += x[i, d, h, w, k]
+                n = (ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c])
+                for k in range(channels):
+                    out[i, a, b, c, k] = acc[k] / n
+
+    @_jit
+    def _max_fwd_planar(lo, hi, x, out, idx, sd, ed, sh, eh, sw, ew):
+        # Down the window's rows, per column: first max row / last NaN row (branch-free, vectorised).  Then across
+        # the columns of each window, comparing (value, flat index) by PyTorch's rule, which is order-free.
+        od, oh, ow = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3])
+        height, width = _u(x.shape[2]), _u(x.shape[3])
+        best = np.empty(x.shape[3], out.dtype)
+        flat = np.empty(x.shape[3], np.uint64)
+        for p in range(_u(lo), _u(hi)):
+            for a in range(od):
+                for b in range(oh):
+                    for w in range(width):
+                        best[w] = x[p, sd[a], sh[b], w]
+                        flat[w] = (sd[a] * height + sh[b]) * width + w
+                    for d in range(sd[a], ed[a]):
+                        for h in range(sh[b], eh[b]):
+                            r = (d * height + h) * width
+                            for w in range(width):
+                                v = x[p, d, h, w]
+                                take = (v > best[w]) | (v != v)
+                                best[w] = v if take else best[w]
+                                flat[w] = r + w if take else flat[w]
+                    for c in range(ow):
+                        f = _window_argmax(best, flat, sw[c], ew[c])
+                        out[p, a, b, c] = best[f % width]
+                        idx[p, a, b, c] = f
+
+    @_jit
+    def _window_argmax(values, flat, start, end):
+        """The ``flat[k]`` chosen by PyTorch's rule among ``values[k]``, ``start <= k < end``.
+
+        Split into reductions LLVM vectorises: any NaN → the largest NaN index; else the max value, then the
+        smallest index holding it (``-0.0 == 0.0``, so a tie of zeros keeps the first, as PyTorch does).
+        """
+        nan = False
+        for k in range(start, end):
+            nan |= values[k] != values[k]
+        if nan:
+            f = _u(0)
+            for k in range(start, end):
+                f = max(f, flat[k] if values[k] != values[k] else _u(0))
+            return f
+        m = _max_no_nan(values, start, end)
+        f = ~_u(0)
+        for k in range(start, end):
+            f = min(f, flat[k] if values[k] == m else ~_u(0))
+        return f
+
+    @njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+    def _max_no_nan(values, start, end):
+        # Only called on NaN-free windows, where "nnan" lets LLVM vectorise the max.
+        m = values[start]
+        for k in range(start, end):
+            m = max(m, values[k])
+        return m
+
+    @_jit
+    def _max_fwd_cl(lo, hi, x, out, idx, sd, ed, sh, eh, sw, ew):
+        # Per output position, the window scanned in row-major order, per channel: (v > best) or isnan(v).
+        od, oh, ow, channels = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3]), _u(out.shape[4])
+        height, width = _u(x.shape[2]), _u(x.shape[3])
+        for t in range(_u(lo), _u(hi)):
+            i, b = t // oh, t % oh
+            i, a = i // od, i % od
+            for c in range(ow):
+                first = (sd[a] * height + sh[b]) * width + sw[c]
+                for k in range(channels):
+                    out[i, a, b, c, k] = x[i, sd[a], sh[b], sw[c], k]
+                    idx[i, a, b, c, k] = first
+                for d in range(sd[a], ed[a]):
+                    for h in range(sh[b], eh[b]):
+                        for w in range(sw[c], ew[c]):
+                            f = (d * height + h) * width + w
+                            for k in range(channels):
+                                v = x[i, d, h, w, k]
+                                take = (v > out[i, a, b, c, k]) | (v != v)
+                                out[i, a, b, c, k] = v if take else out[i, a, b, c, k]
+                                idx[i, a, b, c, k] = f if take else idx[i, a, b, c, k]
+
+    @_jit_sum
+    def _avg_bwd_planar(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
+        # Per input row: the covering output rows, each scaled by its window size, then gathered along the row.
+        depth, height, width, ow = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(g.shape[3])
+        acc = np.empty(g.shape[3], gin.dtype)
+        for p in range(_u(lo), _u(hi)):
+            for d in range(depth):
+                for h in range(height):
+                    for c in range(ow):
+                        acc[c] = 0
+                    for a in range(cfd[d], ced[d]):
+                        for b in range(cfh[h], ceh[h]):
+                            n = (ed[a] - sd[a]) * (eh[b] - sh[b])
+                            for c in range(ow):
+                                acc[c] += g[p, a, b, c] / (n * (ew[c] - sw[c]))
+                    for w in range(width):
+                        total = acc[cfw[w]]
+                        for c in range(cfw[w] + _u(1), cew[w]):
+                            total += acc[c]
+                        gin[p, d, h, w] = total
+
+    @_jit_sum
+    def _avg_bwd_cl(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
+        # Per input position: the covering outputs' channel vectors, each scaled by its window size.
+        depth, height, width, channels = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(gin.shape[4])
+        for t in range(_u(lo), _u(hi)):
+            i, h = t // height, t % height
+            i, d = i // depth, i % depth
+            for w in range(width):
+                for k in range(channels):
+                    gin[i, d, h, w, k] = 0
+                for a in range(cfd[d], ced[d]):
+                    for b in range(cfh[h], ceh[h]):
+                        for c in range(cfw[w], cew[w]):
+                            n = (ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c])
+                            for k in range(channels):
+                                gin[i, d, h, w, k] += g[i, a, b, c, k] / n
+
+    @_jit
+    def _max_bwd_planar(lo, hi, g, idx, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
+        # Per input row: only the covering output rows can route a gradient into it; scanned in output order.
+        depth, height, width, ow = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(g.shape[3])
+        for p in range(_u(lo), _u(hi)):
+            for d in range(depth):
+                for h in range(height):
+                    for w in range(width):
+                        gin[p, d, h, w] = 0
+                    first = (d * height + h) * width
+                    for a in range(cfd[d], ced[d]):
+                        for b in range(cfh[h], ceh[h]):
+                            for c in range(ow):
+                                f = _u(idx[p, a, b, c]) - first  # wraps to a huge value below the row
+                                if f < width:
+                                    gin[p, d, h, f] += g[p, a, b, c]
+
+    @_jit
+    def _max_bwd_cl(lo, hi, g, idx, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
+        # Per input position: the covering outputs whose argmax it is, per channel, in output order.
+        depth, height, width, channels = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(gin.shape[4])
+        for t in range(_u(lo), _u(hi)):
+            i, h = t // height, t % height
+            i, d = i // depth, i % depth
+            for w in range(width):
+                f = np.int64((d * height + h) * width + w)
+                for k in range(channels):
+                    gin[i, d, h, w, k] = 0
+                for a in range(cfd[d], ced[d]):
+                    for b in range(cfh[h], ceh[h]):
+                        for c in range(cfw[w], cew[w]):
+                            for k in range(channels):
+                                gin[i, d, h, w, k] += g[i, a, b, c, k] if idx[i, a, b, c, k] == f else 0
