@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ... import _bins
+from . import portable
 
 try:
     import numba
@@ -73,9 +74,7 @@ def _canonical(t: torch.Tensor, channels_last: bool):
     return t.reshape(n * c, *s).numpy()
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """``C`` is the innermost axis (and the rest is dense): served without a copy as ``(N, *S, C)``."""
-    return t.shape[1] > 1 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+_is_channels_last = portable.channels_last  # the layout rule the op's fake impls promise
 
 
 def _empty(n, c, size, channels_last: bool, dtype) -> torch.Tensor:
@@ -170,13 +169,12 @@ def max_forward(x: torch.Tensor, output_size):
 
 def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> torch.Tensor:
     """Gradient of :func:`max_forward`: each input sums the ``g`` of the covering outputs whose argmax it is."""
-    cl = _is_channels_last(indices)
+    cl = _is_channels_last(grad_out)
     n, c, *out_size = grad_out.shape
     size = _spatial(input_size, grad_out.dim())
     g = _prepare(grad_out, cl)
-    if cl:  # the kernel reads g and indices in the same (channels_last) order
-        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
-    idx = indices if cl else indices.contiguous()
+    # the kernel reads g and indices in the same order (a copy only if the forward's layout differed)
+    idx = indices.movedim(1, -1).contiguous().movedim(-1, 1) if cl else indices.contiguous()
     gin = _empty(n, c, size, cl, g.dtype)
     windows, covers = _geometry(size, out_size)
     ga, ia, gia = _canonical(g, cl), _canonical(idx, cl), _canonical(gin, cl)
