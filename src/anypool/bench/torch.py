@@ -24,8 +24,9 @@ def _input(torch, case: BenchCase, device: str):
 
 def _contenders(torch, case: BenchCase, op: str):
     """``{name: f(x) -> tensor}`` for anypool, native and compiled native."""
-    import anypool
     import torch.nn.functional as F
+
+    import anypool
 
     size = tuple(case.output_size)
     native = getattr(F, f"adaptive_{op}_pool{case.rank}d")

@@ -23,6 +23,8 @@ int64 flat offsets into the spatial plane; a window summing ``inf`` and ``-inf``
 
 from __future__ import annotations
 
+import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,7 +55,8 @@ def supports(x: torch.Tensor, output_size) -> bool:
 # Geometry, from _bins only: per axis (starts, ends) and (cover_first, cover_last), padded to 3 axes.
 
 
-def _geometry(input_size, output_size):
+@functools.lru_cache(maxsize=256)
+def _geometry(input_size: tuple, output_size: tuple):
     """Windows ``[start, end)`` and covering output ranges ``[first, last + 1)`` of the 3 canonical axes ``(D, H, W)``.
 
     Missing leading axes have size 1; everything is uint64 (see the kernels).
@@ -62,13 +65,21 @@ def _geometry(input_size, output_size):
     axes = [_bins.axis_bins(1, 1)] * pad + [_bins.axis_bins(int(L), int(O)) for L, O in zip(input_size, output_size)]
     windows = [a.astype(np.uint64) for b in axes for a in (b.starts, b.ends)]
     covers = [a.astype(np.uint64) + k for b in axes for a, k in zip(b.cover(), (0, 1))]  # first, one past last
-    return windows, covers
+    return tuple(windows), tuple(covers)
 
 
-def _canonical(t: torch.Tensor, channels_last: bool):
-    """``t`` (N, C, *S) as a NumPy view ``(N, D, H, W, C)`` or ``(N·C, D, H, W)``."""
-    n, c, *s = t.shape
-    s = [1] * (3 - len(s)) + s
+def _plan(size, output_size):
+    """The spatial sizes the kernels see: a global pool is one long row (flat index = row-major position)."""
+    size, output_size = tuple(int(s) for s in size), tuple(int(o) for o in output_size)
+    if len(size) > 1 and all(o == 1 for o in output_size):
+        return (math.prod(size),), (1,)
+    return size, output_size
+
+
+def _canonical(t: torch.Tensor, channels_last: bool, spatial):
+    """``t`` (N, C, *S) as a NumPy view ``(N, D, H, W, C)`` or ``(N·C, D, H, W)``; ``spatial`` from :func:`_plan`."""
+    n, c = t.shape[:2]
+    s = [1] * (3 - len(spatial)) + list(spatial)
     if channels_last:
         return t.movedim(1, -1).reshape(n, *s, c).numpy()
     return t.reshape(n * c, *s).numpy()
@@ -90,6 +101,7 @@ def _prepare(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t if channels_last else t.contiguous()
 
 
+_NATIVE_CL_MAX_WINDOW = 16  # channels_last max windows of at most this many positions go to torch's kernel
 _POOL: ThreadPoolExecutor | None = None
 _INLINE_ITEMS = 1 << 16  # below this many input elements the thread hand-off costs more than it saves
 
@@ -129,10 +141,14 @@ def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
     cl = _is_channels_last(x)
     n, c, *size = x.shape
     output_size = tuple(int(o) for o in output_size)
+    if not cl and all(o == 1 for o in output_size):
+        # Global mean of planes: torch's own reduction streams many short planes better than a loop per plane.
+        return x.contiguous().mean(tuple(range(2, x.dim())), keepdim=True)
     xx = _prepare(x, cl)
     out = _empty(n, c, output_size, cl, xx.dtype)
-    windows, _ = _geometry(size, output_size)
-    xa, oa = _canonical(xx, cl), _canonical(out, cl)
+    size, osize = _plan(size, output_size)
+    windows, _ = _geometry(size, osize)
+    xa, oa = _canonical(xx, cl, size), _canonical(out, cl, osize)
     items = oa.shape[0] * oa.shape[1] * oa.shape[2] if cl else xa.shape[0]
     _launch(_avg_fwd_cl if cl else _avg_fwd_planar, items, xa.size, xa, oa, *windows)
     return out.to(x.dtype)
@@ -145,8 +161,9 @@ def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
     size = _spatial(input_size, grad_out.dim())
     g = _prepare(grad_out, cl)
     gin = _empty(n, c, size, cl, g.dtype)
-    windows, covers = _geometry(size, out_size)
-    ga, gia = _canonical(g, cl), _canonical(gin, cl)
+    size, osize = _plan(size, out_size)
+    windows, covers = _geometry(size, osize)
+    ga, gia = _canonical(g, cl, osize), _canonical(gin, cl, size)
     items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
     _launch(_avg_bwd_cl if cl else _avg_bwd_planar, items, gia.size, ga, gia, *windows, *covers)
     return gin.to(grad_out.dtype)
@@ -157,11 +174,17 @@ def max_forward(x: torch.Tensor, output_size):
     cl = _is_channels_last(x)
     n, c, *size = x.shape
     output_size = tuple(int(o) for o in output_size)
+    if cl and math.prod(_bins.max_window(s, o) for s, o in zip(size, output_size)) <= _NATIVE_CL_MAX_WINDOW:
+        # Small windows on channels_last: torch's kernel (vectorised over C, same rule) measured faster.
+        native = getattr(torch.nn.functional, f"adaptive_max_pool{len(size)}d")
+        values, indices = native(x.detach(), output_size, return_indices=True)
+        return tuple(t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (values, indices))  # its 3-D is NCDHW
     xx = _prepare(x, cl)
     values = _empty(n, c, output_size, cl, xx.dtype)
     indices = _empty(n, c, output_size, cl, torch.int64)
-    windows, _ = _geometry(size, output_size)
-    xa, va, ia = _canonical(xx, cl), _canonical(values, cl), _canonical(indices, cl)
+    size, osize = _plan(size, output_size)
+    windows, _ = _geometry(size, osize)
+    xa, va, ia = _canonical(xx, cl, size), _canonical(values, cl, osize), _canonical(indices, cl, osize)
     items = va.shape[0] * va.shape[1] * va.shape[2] if cl else xa.shape[0]
     _launch(_max_fwd_cl if cl else _max_fwd_planar, items, xa.size, xa, va, ia, *windows)
     return values.to(x.dtype), indices
@@ -176,8 +199,9 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
     # the kernel reads g and indices in the same order (a copy only if the forward's layout differed)
     idx = indices.movedim(1, -1).contiguous().movedim(-1, 1) if cl else indices.contiguous()
     gin = _empty(n, c, size, cl, g.dtype)
-    windows, covers = _geometry(size, out_size)
-    ga, ia, gia = _canonical(g, cl), _canonical(idx, cl), _canonical(gin, cl)
+    size, osize = _plan(size, out_size)
+    windows, covers = _geometry(size, osize)
+    ga, ia, gia = _canonical(g, cl, osize), _canonical(idx, cl, osize), _canonical(gin, cl, size)
     items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
     _launch(_max_bwd_cl if cl else _max_bwd_planar, items, gia.size, ga, ia, gia, *windows, *covers)
     return gin.to(grad_out.dtype)
@@ -220,6 +244,7 @@ if numba is not None:
         # Per output position: the window's channel vectors summed into ``acc``.
         od, oh, ow, channels = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3]), _u(out.shape[4])
         acc = np.empty(out.shape[4], out.dtype)
+        scale = np.empty(1, out.dtype)
         for t in range(_u(lo), _u(hi)):
             i, b = t // oh, t % oh
             i, a = i // od, i % od
@@ -231,9 +256,10 @@ if numba is not None:
                         for w in range(sw[c], ew[c]):
                             for k in range(channels):
                                 acc[k] += x[i, d, h, w, k]
-                n = (ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c])
+                # one division per window, in the output's type (a uint64 divisor would make every lane float64)
+                scale[0] = 1.0 / ((ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c]))
                 for k in range(channels):
-                    out[i, a, b, c, k] = acc[k] / n
+                    out[i, a, b, c, k] = acc[k] * scale[0]
 
     @_jit
     def _max_fwd_planar(lo, hi, x, out, idx, sd, ed, sh, eh, sw, ew):
@@ -242,83 +268,120 @@ if numba is not None:
         od, oh, ow = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3])
         height, width = _u(x.shape[2]), _u(x.shape[3])
         best = np.empty(x.shape[3], out.dtype)
-        flat = np.empty(x.shape[3], np.uint64)
+        rows = np.empty(x.shape[3], np.uint64)  # flat offset of the row holding best[w]
+        first_row = np.zeros(x.shape[3], np.uint64)
         for p in range(_u(lo), _u(hi)):
             for a in range(od):
                 for b in range(oh):
-                    for w in range(width):
-                        best[w] = x[p, sd[a], sh[b], w]
-                        flat[w] = (sd[a] * height + sh[b]) * width + w
-                    for d in range(sd[a], ed[a]):
-                        for h in range(sh[b], eh[b]):
-                            r = (d * height + h) * width
-                            for w in range(width):
-                                v = x[p, d, h, w]
-                                take = (v > best[w]) | (v != v)
-                                best[w] = v if take else best[w]
-                                flat[w] = r + w if take else flat[w]
+                    r0 = (sd[a] * height + sh[b]) * width
+                    if (ed[a] - sd[a]) * (eh[b] - sh[b]) == 1:  # one row: reduce it in place
+                        values, offsets = x[p, sd[a], sh[b]], first_row
+                    else:
+                        values, offsets = best, rows
+                        for w in range(width):
+                            best[w] = x[p, sd[a], sh[b], w]
+                            rows[w] = r0
+                        for d in range(sd[a], ed[a]):
+                            for h in range(sh[b], eh[b]):
+                                if d == sd[a] and h == sh[b]:
+                                    continue
+                                r = (d * height + h) * width
+                                for w in range(width):
+                                    v = x[p, d, h, w]
+                                    take = (v > best[w]) | (v != v)
+                                    best[w] = v if take else best[w]
+                                    rows[w] = r if take else rows[w]
+                        r0 = _u(0)
                     for c in range(ow):
-                        f = _window_argmax(best, flat, sw[c], ew[c])
-                        out[p, a, b, c] = best[f % width]
-                        idx[p, a, b, c] = f
+                        f = _window_argmax(values, offsets, sw[c], ew[c])
+                        out[p, a, b, c] = values[f % width]
+                        idx[p, a, b, c] = r0 + f
 
     @_jit
-    def _window_argmax(values, flat, start, end):
-        """The ``flat[k]`` chosen by PyTorch's rule among ``values[k]``, ``start <= k < end``.
+    def _window_argmax(values, offsets, start, end):
+        """The flat index ``offsets[k] + k`` chosen by PyTorch's rule among ``values[k]``, ``start <= k < end``.
 
-        Split into reductions LLVM vectorises: any NaN → the largest NaN index; else the max value, then the
-        smallest index holding it (``-0.0 == 0.0``, so a tie of zeros keeps the first, as PyTorch does).
+        A short window is one scalar scan; a long one is split into reductions LLVM vectorises: any NaN → the
+        largest NaN index; else the max value, then the smallest index holding it (``-0.0 == 0.0``, so a tie
+        of zeros keeps the first, as PyTorch does).
         """
+        if end - start <= _u(16):
+            bv, bf = values[start], offsets[start] + start
+            for k in range(start + _u(1), end):
+                v, f = values[k], offsets[k] + k
+                if v != v:
+                    if bv == bv or f > bf:
+                        bv, bf = v, f
+                elif bv == bv and (v > bv or (v == bv and f < bf)):
+                    bv, bf = v, f
+            return bf
         nan = False
         for k in range(start, end):
             nan |= values[k] != values[k]
         if nan:
             f = _u(0)
             for k in range(start, end):
-                f = max(f, flat[k] if values[k] != values[k] else _u(0))
+                f = max(f, offsets[k] + k if values[k] != values[k] else _u(0))
             return f
         m = _max_no_nan(values, start, end)
         f = ~_u(0)
         for k in range(start, end):
-            f = min(f, flat[k] if values[k] == m else ~_u(0))
+            f = min(f, offsets[k] + k if values[k] == m else ~_u(0))
         return f
 
-    @njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+    @_jit
     def _max_no_nan(values, start, end):
-        # Only called on NaN-free windows, where "nnan" lets LLVM vectorise the max.
-        m = values[start]
-        for k in range(start, end):
-            m = max(m, values[k])
-        return m
+        # Eight running maxima: LLVM does not vectorise a float max reduction, but runs these side by side.
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = values[start]
+        k = start
+        while k + _u(8) <= end:
+            m0, m1 = max(m0, values[k]), max(m1, values[k + _u(1)])
+            m2, m3 = max(m2, values[k + _u(2)]), max(m3, values[k + _u(3)])
+            m4, m5 = max(m4, values[k + _u(4)]), max(m5, values[k + _u(5)])
+            m6, m7 = max(m6, values[k + _u(6)]), max(m7, values[k + _u(7)])
+            k += _u(8)
+        while k < end:
+            m0 = max(m0, values[k])
+            k += _u(1)
+        return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
     @_jit
     def _max_fwd_cl(lo, hi, x, out, idx, sd, ed, sh, eh, sw, ew):
         # Per output position, the window scanned in row-major order, per channel: (v > best) or isnan(v).
         od, oh, ow, channels = _u(out.shape[1]), _u(out.shape[2]), _u(out.shape[3]), _u(out.shape[4])
         height, width = _u(x.shape[2]), _u(x.shape[3])
+        best = np.empty(out.shape[4], out.dtype)
+        pos = np.empty(out.shape[4], np.int32)  # same lane width as float32: the selects vectorise
         for t in range(_u(lo), _u(hi)):
             i, b = t // oh, t % oh
             i, a = i // od, i % od
             for c in range(ow):
-                first = (sd[a] * height + sh[b]) * width + sw[c]
+                first = np.int32((sd[a] * height + sh[b]) * width + sw[c])
                 for k in range(channels):
-                    out[i, a, b, c, k] = x[i, sd[a], sh[b], sw[c], k]
-                    idx[i, a, b, c, k] = first
+                    best[k] = x[i, sd[a], sh[b], sw[c], k]
+                    pos[k] = first
                 for d in range(sd[a], ed[a]):
                     for h in range(sh[b], eh[b]):
                         for w in range(sw[c], ew[c]):
-                            f = (d * height + h) * width + w
+                            f = np.int32((d * height + h) * width + w)
                             for k in range(channels):
                                 v = x[i, d, h, w, k]
-                                take = (v > out[i, a, b, c, k]) | (v != v)
-                                out[i, a, b, c, k] = v if take else out[i, a, b, c, k]
-                                idx[i, a, b, c, k] = f if take else idx[i, a, b, c, k]
+                                take = (v > best[k]) | (v != v)
+                                best[k] = v if take else best[k]
+                                pos[k] = f if take else pos[k]
+                for k in range(channels):
+                    out[i, a, b, c, k] = best[k]
+                    idx[i, a, b, c, k] = pos[k]
 
     @_jit_sum
     def _avg_bwd_planar(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
         # Per input row: the covering output rows, each scaled by its window size, then gathered along the row.
         depth, height, width, ow = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(g.shape[3])
         acc = np.empty(g.shape[3], gin.dtype)
+        scale = np.empty(1, gin.dtype)
+        inv_w = np.empty(g.shape[3], gin.dtype)
+        for c in range(ow):
+            inv_w[c] = 1.0 / (ew[c] - sw[c])
         for p in range(_u(lo), _u(hi)):
             for d in range(depth):
                 for h in range(height):
@@ -326,9 +389,9 @@ if numba is not None:
                         acc[c] = 0
                     for a in range(cfd[d], ced[d]):
                         for b in range(cfh[h], ceh[h]):
-                            n = (ed[a] - sd[a]) * (eh[b] - sh[b])
+                            scale[0] = 1.0 / ((ed[a] - sd[a]) * (eh[b] - sh[b]))
                             for c in range(ow):
-                                acc[c] += g[p, a, b, c] / (n * (ew[c] - sw[c]))
+                                acc[c] += g[p, a, b, c] * scale[0] * inv_w[c]
                     for w in range(width):
                         total = acc[cfw[w]]
                         for c in range(cfw[w] + _u(1), cew[w]):
@@ -339,6 +402,7 @@ if numba is not None:
     def _avg_bwd_cl(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
         # Per input position: the covering outputs' channel vectors, each scaled by its window size.
         depth, height, width, channels = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(gin.shape[4])
+        scale = np.empty(1, gin.dtype)
         for t in range(_u(lo), _u(hi)):
             i, h = t // height, t % height
             i, d = i // depth, i % depth
@@ -348,9 +412,9 @@ if numba is not None:
                 for a in range(cfd[d], ced[d]):
                     for b in range(cfh[h], ceh[h]):
                         for c in range(cfw[w], cew[w]):
-                            n = (ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c])
+                            scale[0] = 1.0 / ((ed[a] - sd[a]) * (eh[b] - sh[b]) * (ew[c] - sw[c]))
                             for k in range(channels):
-                                gin[i, d, h, w, k] += g[i, a, b, c, k] / n
+                                gin[i, d, h, w, k] += g[i, a, b, c, k] * scale[0]
 
     @_jit
     def _max_bwd_planar(lo, hi, g, idx, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
