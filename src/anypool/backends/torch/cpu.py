@@ -77,12 +77,12 @@ def _plan(size, output_size):
 
 
 def _canonical(t: torch.Tensor, channels_last: bool, spatial):
-    """``t`` (N, C, *S) as a NumPy view ``(N, D, H, W, C)`` or ``(N·C, D, H, W)``; ``spatial`` from :func:`_plan`."""
+    """``t`` (N, C, *S) viewed as ``(N, D, H, W, C)`` or ``(N·C, D, H, W)``; ``spatial`` from :func:`_plan`."""
     n, c = t.shape[:2]
     s = [1] * (3 - len(spatial)) + list(spatial)
     if channels_last:
-        return t.movedim(1, -1).reshape(n, *s, c).numpy()
-    return t.reshape(n * c, *s).numpy()
+        return t.movedim(1, -1).reshape(n, *s, c)
+    return t.reshape(n * c, *s)
 
 
 _is_channels_last = portable.channels_last  # the layout rule the op's fake impls promise
@@ -96,9 +96,34 @@ def _empty(n, c, size, channels_last: bool, dtype) -> torch.Tensor:
 
 def _prepare(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     t = t.detach()
-    if t.dtype == torch.bfloat16:  # numba has no bfloat16: compute in float32, round once at the end
-        t = t.float()
     return t if channels_last else t.contiguous()
+
+
+_CHUNK_BYTES = 1 << 22  # bfloat16 goes through float32 scratch this big, so the scratch stays in cache
+
+
+def _call(kernel, channels_last: bool, inputs, outputs, geometry) -> None:
+    """Run ``kernel`` on canonical views: reads ``inputs``, writes ``outputs`` (the last one sets the items).
+
+    numba has no bfloat16, so bfloat16 tensors are taken in chunks of the outer axis through float32
+    scratch: one read of the bfloat16 input, one rounding of each result, no full-size float32 copy.
+    """
+    arrays = list(inputs) + list(outputs)
+    if all(a.dtype != torch.bfloat16 for a in arrays):
+        last = outputs[-1]
+        items = math.prod(last.shape[:3]) if channels_last else last.shape[0]
+        _launch(kernel, items, max(a.numel() for a in arrays), *(a.numpy() for a in arrays), *geometry)
+        return
+    per_item = max(a[:1].numel() for a in arrays) * 4
+    step = max(1, _CHUNK_BYTES // max(per_item, 1))
+    for lo in range(0, arrays[0].shape[0], step):
+        part_in = [a[lo:lo + step].float() if a.dtype == torch.bfloat16 else a[lo:lo + step] for a in inputs]
+        part_out = [a[lo:lo + step] for a in outputs]
+        scratch = [torch.empty(a.shape, dtype=torch.float32) if a.dtype == torch.bfloat16 else a for a in part_out]
+        _call(kernel, channels_last, part_in, scratch, geometry)
+        for a, b in zip(part_out, scratch):
+            if a is not b:
+                a.copy_(b)
 
 
 _NATIVE_CL_MAX_WINDOW = 16  # channels_last max windows of at most this many positions go to torch's kernel
@@ -145,13 +170,12 @@ def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
         # Global mean of planes: torch's own reduction streams many short planes better than a loop per plane.
         return x.contiguous().mean(tuple(range(2, x.dim())), keepdim=True)
     xx = _prepare(x, cl)
-    out = _empty(n, c, output_size, cl, xx.dtype)
+    out = _empty(n, c, output_size, cl, x.dtype)
     size, osize = _plan(size, output_size)
     windows, _ = _geometry(size, osize)
-    xa, oa = _canonical(xx, cl, size), _canonical(out, cl, osize)
-    items = oa.shape[0] * oa.shape[1] * oa.shape[2] if cl else xa.shape[0]
-    _launch(_avg_fwd_cl if cl else _avg_fwd_planar, items, xa.size, xa, oa, *windows)
-    return out.to(x.dtype)
+    _call(_avg_fwd_cl if cl else _avg_fwd_planar, cl, [_canonical(xx, cl, size)], [_canonical(out, cl, osize)],
+          windows)
+    return out
 
 
 def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
@@ -163,10 +187,9 @@ def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
     gin = _empty(n, c, size, cl, g.dtype)
     size, osize = _plan(size, out_size)
     windows, covers = _geometry(size, osize)
-    ga, gia = _canonical(g, cl, osize), _canonical(gin, cl, size)
-    items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
-    _launch(_avg_bwd_cl if cl else _avg_bwd_planar, items, gia.size, ga, gia, *windows, *covers)
-    return gin.to(grad_out.dtype)
+    _call(_avg_bwd_cl if cl else _avg_bwd_planar, cl, [_canonical(g, cl, osize)], [_canonical(gin, cl, size)],
+          windows + covers)
+    return gin
 
 
 def max_forward(x: torch.Tensor, output_size):
@@ -180,14 +203,13 @@ def max_forward(x: torch.Tensor, output_size):
         values, indices = native(x.detach(), output_size, return_indices=True)
         return tuple(t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (values, indices))  # its 3-D is NCDHW
     xx = _prepare(x, cl)
-    values = _empty(n, c, output_size, cl, xx.dtype)
+    values = _empty(n, c, output_size, cl, x.dtype)
     indices = _empty(n, c, output_size, cl, torch.int64)
     size, osize = _plan(size, output_size)
     windows, _ = _geometry(size, osize)
-    xa, va, ia = _canonical(xx, cl, size), _canonical(values, cl, osize), _canonical(indices, cl, osize)
-    items = va.shape[0] * va.shape[1] * va.shape[2] if cl else xa.shape[0]
-    _launch(_max_fwd_cl if cl else _max_fwd_planar, items, xa.size, xa, va, ia, *windows)
-    return values.to(x.dtype), indices
+    _call(_max_fwd_cl if cl else _max_fwd_planar, cl, [_canonical(xx, cl, size)],
+          [_canonical(values, cl, osize), _canonical(indices, cl, osize)], windows)
+    return values, indices
 
 
 def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> torch.Tensor:
@@ -201,10 +223,9 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
     gin = _empty(n, c, size, cl, g.dtype)
     size, osize = _plan(size, out_size)
     windows, covers = _geometry(size, osize)
-    ga, ia, gia = _canonical(g, cl, osize), _canonical(idx, cl, osize), _canonical(gin, cl, size)
-    items = gia.shape[0] * gia.shape[1] * gia.shape[2] if cl else gia.shape[0]
-    _launch(_max_bwd_cl if cl else _max_bwd_planar, items, gia.size, ga, ia, gia, *windows, *covers)
-    return gin.to(grad_out.dtype)
+    _call(_max_bwd_cl if cl else _max_bwd_planar, cl, [_canonical(g, cl, osize), _canonical(idx, cl, osize)],
+          [_canonical(gin, cl, size)], windows + covers)
+    return gin
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,7 +396,8 @@ if numba is not None:
 
     @_jit_sum
     def _avg_bwd_planar(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
-        # Per input row: the covering output rows, each scaled by its window size, then gathered along the row.
+        # Per input row: the covering output rows, each scaled by its window size, spread over each window's span.
+        # Rows (and D-slices) covered by the same outputs are equal: copied, not recomputed.
         depth, height, width, ow = _u(gin.shape[1]), _u(gin.shape[2]), _u(gin.shape[3]), _u(g.shape[3])
         acc = np.empty(g.shape[3], gin.dtype)
         scale = np.empty(1, gin.dtype)
@@ -384,7 +406,16 @@ if numba is not None:
             inv_w[c] = 1.0 / (ew[c] - sw[c])
         for p in range(_u(lo), _u(hi)):
             for d in range(depth):
+                if d > 0 and cfd[d] == cfd[d - 1] and ced[d] == ced[d - 1]:
+                    for h in range(height):
+                        for w in range(width):
+                            gin[p, d, h, w] = gin[p, d - 1, h, w]
+                    continue
                 for h in range(height):
+                    if h > 0 and cfh[h] == cfh[h - 1] and ceh[h] == ceh[h - 1]:
+                        for w in range(width):
+                            gin[p, d, h, w] = gin[p, d, h - 1, w]
+                        continue
                     for c in range(ow):
                         acc[c] = 0
                     for a in range(cfd[d], ced[d]):
@@ -393,10 +424,10 @@ if numba is not None:
                             for c in range(ow):
                                 acc[c] += g[p, a, b, c] * scale[0] * inv_w[c]
                     for w in range(width):
-                        total = acc[cfw[w]]
-                        for c in range(cfw[w] + _u(1), cew[w]):
-                            total += acc[c]
-                        gin[p, d, h, w] = total
+                        gin[p, d, h, w] = 0
+                    for c in range(ow):  # in output order, so an overlap sums in a fixed order
+                        for w in range(sw[c], ew[c]):
+                            gin[p, d, h, w] += acc[c]
 
     @_jit_sum
     def _avg_bwd_cl(lo, hi, g, gin, sd, ed, sh, eh, sw, ew, cfd, ced, cfh, ceh, cfw, cew):
