@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 
 from . import BenchCase, Row, median_ms
 
@@ -39,19 +40,25 @@ def _contenders(torch, case: BenchCase, op: str):
     }
 
 
-def _time(fn, x, mode: str, repeats: int, sync, torch):
-    """Median ms of ``fn(x)`` (``fwd``) or of ``fn(x)`` plus the gradient w.r.t. ``x`` (``fwd+bwd``)."""
+def _step(fn, x, mode: str, torch):
+    """``fn(x)`` (``fwd``, no autograd) or ``fn(x)`` plus the gradient w.r.t. ``x`` (``fwd+bwd``), as a thunk."""
     if mode == "fwd":
         def step():
             with torch.no_grad():
                 fn(x)
-    else:
-        xg = x.detach().requires_grad_()
-        grad = torch.ones_like(fn(x.detach()))
+        return step
+    xg = x.detach().requires_grad_()
+    grad = torch.ones_like(fn(x.detach()))
+    return lambda: torch.autograd.grad(fn(xg), xg, grad)
 
-        def step():
-            torch.autograd.grad(fn(xg), xg, grad)
-    return median_ms(step, repeats=repeats, warmup=2, sync=sync)
+
+def _interleaved(steps: dict, repeats: int, sync) -> dict:
+    """Median ms of each thunk, timed in turn within every round so that a busy machine slows all alike."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(median_ms(step, repeats=1, warmup=0, sync=sync))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Row]:
@@ -65,26 +72,28 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
         x = _input(torch, case, device)
         in_bytes = x.numel() * x.element_size()
         out_bytes = math.prod(case.shape[:2]) * math.prod(case.output_size) * x.element_size()
-        # The machine's read bandwidth right beside this case: one reduction over a buffer of the input's size.
+        # The machine's read bandwidth, timed in turn with the contenders: a sum over a buffer of the input's size.
         buffer = torch.ones(max(1, in_bytes // 4), device=device)
-        bandwidth = buffer.numel() * 4 / (median_ms(buffer.sum, repeats=repeats, warmup=2, sync=sync) * 1e6)
         for op in ("avg", "max"):
             contenders = _contenders(torch, case, op)
             for mode in ("fwd", "fwd+bwd"):
                 if progress:
                     progress(f"torch {device} {case.label()} {op} {mode}")
-                times = {}
+                steps = {"bandwidth": buffer.sum}
                 for name, fn in contenders.items():
                     try:
-                        times[name] = _time(fn, x, mode, repeats, sync, torch)
+                        steps[name] = _step(fn, x, mode, torch)
+                        median_ms(steps[name], repeats=1, warmup=1, sync=sync)  # warm-up (and compilation)
                     except Exception as e:  # a contender that cannot run this case is reported as missing
                         if progress:
                             progress(f"  {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                        times[name] = None
-                if times["anypool"] is None:
+                        steps.pop(name, None)
+                if "anypool" not in steps:
                     continue
+                times = _interleaved(steps, repeats, sync)
                 moved = in_bytes + out_bytes if mode == "fwd" else 2 * (in_bytes + out_bytes)
                 rows.append(Row("torch", case.label(), op, mode, times["anypool"],
-                                {"native": times["native"], "compile": times["compile"]},
-                                bytes_moved=moved, bandwidth_gbs=bandwidth))
+                                {"native": times.get("native"), "compile": times.get("compile")},
+                                bytes_moved=moved,
+                                bandwidth_gbs=buffer.numel() * 4 / (times["bandwidth"] * 1e6)))
     return rows
