@@ -105,25 +105,31 @@ _CHUNK_BYTES = 1 << 22  # bfloat16 goes through float32 scratch this big, so the
 def _call(kernel, channels_last: bool, inputs, outputs, geometry) -> None:
     """Run ``kernel`` on canonical views: reads ``inputs``, writes ``outputs`` (the last one sets the items).
 
-    numba has no bfloat16, so bfloat16 tensors are taken in chunks of the outer axis through float32
-    scratch: one read of the bfloat16 input, one rounding of each result, no full-size float32 copy.
+    numba has no bfloat16: bfloat16 tensors are taken, in each thread, in chunks of the outer axis through
+    float32 scratch converted by numba — one read of the input, one rounding of each result, no torch op
+    between (a torch op inside the threads would wake its OpenMP pool to fight ours for the cores).
     """
-    arrays = list(inputs) + list(outputs)
-    if all(a.dtype != torch.bfloat16 for a in arrays):
-        last = outputs[-1]
+    arrays = [a.view(torch.int16).numpy() if a.dtype == torch.bfloat16 else a.numpy() for a in (*inputs, *outputs)]
+    last = arrays[-1]
+    if all(a.dtype != torch.bfloat16 for a in (*inputs, *outputs)):
         items = math.prod(last.shape[:3]) if channels_last else last.shape[0]
-        _launch(kernel, items, max(a.numel() for a in arrays), *(a.numpy() for a in arrays), *geometry)
+        _launch(kernel, items, max(a.size for a in arrays), *arrays, *geometry)
         return
-    per_item = max(a[:1].numel() for a in arrays) * 4
-    step = max(1, _CHUNK_BYTES // max(per_item, 1))
-    for lo in range(0, arrays[0].shape[0], step):
-        part_in = [a[lo:lo + step].float() if a.dtype == torch.bfloat16 else a[lo:lo + step] for a in inputs]
-        part_out = [a[lo:lo + step] for a in outputs]
-        scratch = [torch.empty(a.shape, dtype=torch.float32) if a.dtype == torch.bfloat16 else a for a in part_out]
-        _call(kernel, channels_last, part_in, scratch, geometry)
-        for a, b in zip(part_out, scratch):
-            if a is not b:
-                a.copy_(b)
+    n_in = len(inputs)
+    step = max(1, _CHUNK_BYTES // (4 * max(a[:1].size for a in arrays)))
+
+    def chunks(lo, hi, *arrays):
+        for start in range(lo, hi, step):
+            part = [a[start:min(hi, start + step)] for a in arrays[:len(arrays) - len(geometry)]]
+            scratch = [_bf16_to_f32(a) if k < n_in and a.dtype == np.int16 else
+                       np.empty(a.shape, np.float32) if a.dtype == np.int16 else a for k, a in enumerate(part)]
+            last = scratch[-1]
+            kernel(0, math.prod(last.shape[:3]) if channels_last else last.shape[0], *scratch, *geometry)
+            for k in range(n_in, len(part)):
+                if part[k].dtype == np.int16:
+                    _f32_to_bf16(scratch[k], part[k])
+
+    _launch(chunks, arrays[0].shape[0], max(a.size for a in arrays), *arrays, *geometry)
 
 
 _NATIVE_CL_MAX_WINDOW = 16  # channels_last max windows of at most this many positions go to torch's kernel
@@ -236,6 +242,27 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> t
 
 if numba is not None:
     _jit = njit(cache=True, nogil=True)
+
+    @_jit
+    def _bf16_to_f32(a):
+        """bfloat16 bits (int16) → float32: the bits are the float32's upper half."""
+        out = np.empty(a.shape, np.float32)
+        bits, src = out.reshape(-1).view(np.uint32), a.reshape(-1).view(np.uint16)
+        for k in range(src.size):
+            bits[k] = np.uint32(src[k]) << np.uint32(16)
+        return out
+
+    @_jit
+    def _f32_to_bf16(a, out):
+        """float32 → bfloat16 bits, rounded to nearest even as torch does (NaN stays a quiet NaN)."""
+        bits, dst = a.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16)
+        for k in range(bits.size):
+            b = bits[k]
+            if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                dst[k] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                dst[k] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
     _jit_sum = njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     _u = np.uint64
 
