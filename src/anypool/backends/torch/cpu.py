@@ -1,4 +1,4 @@
-"""The fast CPU path: numba kernels with parallel loops, one pass over memory.
+"""The fast CPU path: numba kernels, one pass over memory, split across ``torch.get_num_threads()`` threads.
 
 Every function takes *logical* channels-first tensors ``(N, C, *S)`` (spatial rank
 1–3) of any strides and returns tensors of the same memory format:
@@ -8,12 +8,16 @@ Every function takes *logical* channels-first tensors ``(N, C, *S)`` (spatial ra
 * anything else is made NCHW-contiguous (a no-op when it already is) and served as
   planes ``(N·C, D, H, W)``; the kernels vectorise along ``W``.
 
-Lower spatial ranks are the 3-D kernels with ``D = 1`` (and ``H = 1``).  Windows
-come from :mod:`anypool._bins` only: output ``j`` of an axis reduces
-``[starts[j], ends[j])`` and input ``i`` is covered by outputs ``cover_first[i] ..
-cover_last[i]``.  Both backward passes are gathers over that covering range, each
-input element written once by one thread — no atomics, bitwise identical run to run,
-contributions summed in row-major output order as PyTorch's CPU scatter does.
+Lower spatial ranks are the 3-D kernels with ``D = 1`` (and ``H = 1``); a global pool
+is one long row.  Windows come from :mod:`anypool._bins` only: output ``j`` of an axis
+reduces ``[starts[j], ends[j])`` and input ``i`` is covered by outputs
+``cover_first[i] .. cover_last[i]``.  Backward passes are gathers: each input row (planar)
+or position (channels_last) is written by one thread from the outputs covering it, summed
+in output order — no atomics, bitwise identical run to run and for any thread count.
+
+Two cases go to torch's own kernels, chosen by measurement (BENCHMARKS.md): the global
+average of planar input (``mean``) and channels_last max with windows of at most
+``_NATIVE_CL_MAX_WINDOW`` positions (forward only; same rule, same indices).
 
 Semantics are PyTorch's: float32/float64 accumulate in their own type (as PyTorch's
 CPU kernel), bfloat16 is computed in float32 and rounded once; max keeps the first
