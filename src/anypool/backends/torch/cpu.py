@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -139,6 +140,14 @@ def _call(kernel, channels_last: bool, inputs, outputs, geometry) -> None:
 _NATIVE_CL_MAX_WINDOW = 16  # channels_last max windows of at most this many positions go to torch's kernel
 _POOL: ThreadPoolExecutor | None = None
 _INLINE_ITEMS = 1 << 16  # below this many input elements the thread hand-off costs more than it saves
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _launch(kernel, items: int, work: int, *arrays) -> None:
