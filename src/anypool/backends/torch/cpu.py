@@ -53,7 +53,8 @@ def supports(x: torch.Tensor, output_size) -> bool:
     """Whether this path serves ``x`` pooled to ``output_size`` (else use the portable path)."""
     output_size = tuple(output_size)
     return (numba is not None and x.device.type == "cpu" and x.dtype in _DTYPES and 3 <= x.dim() <= 5
-            and len(output_size) == x.dim() - 2 and x.numel() > 0 and all(int(o) > 0 for o in output_size))
+            and len(output_size) == x.dim() - 2 and x.numel() > 0 and all(int(o) > 0 for o in output_size)
+            and math.prod(x.shape[2:]) < 2**31)  # channels_last max keeps positions as int32
 
 
 # ----------------------------------------------------------------------------------------------------------------
