@@ -156,3 +156,4 @@ def test_supports():
     assert not cpu.supports(x, [0, 4])  # empty output
     assert not cpu.supports(torch.randn(2, 3, 0, 8), [4, 4])
     assert not cpu.supports(torch.randn(1, 1, 2, 2, 2, 2), [1, 1, 1, 1])  # spatial rank 4
+    assert not cpu.supports(torch.zeros(1).expand(1, 1, 2**16, 2**15), [2, 2])  # 2**31 positions: int32 overflow
