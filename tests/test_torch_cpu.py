@@ -1,0 +1,159 @@
+"""The fast CPU path (``anypool.backends.torch.cpu``) called directly, against the NumPy reference.
+
+Values, indices and gradients on random shapes: non-divisible, upsampling, size-1 axes, channels_last and
+arbitrary strides, float32/float64/bfloat16, NaN/±inf, and windows longer than any vector or unrolled loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+from anypool import _args  # noqa: E402
+from anypool.backends import numpy as ref  # noqa: E402
+from anypool.backends.torch import cpu, ops, portable  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _case(rng, rank):
+    n, c = int(rng.integers(1, 4)), int(rng.integers(1, 6))
+    size = tuple(int(s) for s in rng.integers(1, 13, rank))
+    out = tuple(int(rng.choice([1, max(1, s // 3), s, s + int(rng.integers(1, 5)), int(rng.integers(1, 9))]))
+                for s in size)
+    return (n, c, *size), out
+
+
+def _make(rng, shape, dtype, layout, special=True):
+    a = rng.standard_normal(shape)
+    if special:  # a few NaN/±inf and repeated values (ties), so every selection rule is exercised
+        flat = a.reshape(-1)
+        k = flat.size
+        flat[rng.integers(0, k, max(1, k // 20))] = np.round(flat[rng.integers(0, k, max(1, k // 20))])
+        flat[rng.integers(0, k, max(1, k // 50))] = 1.0
+        for v in (np.nan, np.inf, -np.inf):
+            if rng.random() < 0.4:
+                flat[rng.integers(0, k, max(1, k // 60))] = v
+    x = torch.from_numpy(a).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":  # neither layout: every other element of a wider buffer, axes 0/1 swapped in memory
+        big = torch.zeros((shape[1], shape[0], *shape[2:-1], 2 * shape[-1]), dtype=dtype)
+        big[..., ::2] = x.transpose(0, 1)
+        x = big[..., ::2].transpose(0, 1)
+    return x
+
+
+def _np(t):
+    return (t.float() if t.dtype == torch.bfloat16 else t).double().numpy()
+
+
+def _spec(shape, out):
+    return _args.pool_spec(shape, out, len(shape) - 2, batched=True)
+
+
+def _close(got, want, dtype):
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def _layout_ok(t, like, spatial):
+    """``t`` has the memory format the op promises for ``like`` (strides of size-1 axes do not matter)."""
+    want = ops._layout_strides(like, spatial)
+    return all(a == b for a, b, n in zip(t.stride(), want, t.shape) if n > 1)
+
+
+def _check(x, out, dtype, rng):
+    shape = tuple(x.shape)
+    spec = _spec(shape, out)
+    xn = _np(x)  # bf16-exact values in float64: the reference sees exactly what the kernel sees
+    assert cpu.supports(x, out)
+
+    avg = cpu.avg_forward(x, out)
+    assert avg.dtype == dtype and tuple(avg.shape) == spec.output_shape
+    assert _layout_ok(avg, x, out)  # output memory format follows the input
+    _close(avg, ref.avg_pool(xn, spec), dtype)
+
+    values, indices = cpu.max_forward(x, out)
+    want_values, want_indices = ref.max_pool(xn, spec, return_indices=True)
+    assert indices.dtype == torch.int64 and _layout_ok(values, x, out) and _layout_ok(indices, x, out)
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_array_equal(_np(values), want_values)  # max is exact, NaN where the reference has NaN
+
+    g = torch.from_numpy(rng.standard_normal(spec.output_shape)).to(dtype)
+    if portable.channels_last(x):
+        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+    gn = _np(g)
+    for grad, want in [(cpu.avg_backward(g, shape[2:]), ref.avg_pool_grad(gn, spec)),
+                       (cpu.max_backward(g, indices, shape[2:]), ref.max_pool_grad(gn, want_indices, spec))]:
+        assert grad.dtype == dtype and _layout_ok(grad, g, shape[2:])
+        _close(grad, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_random_cases_match_reference(rank, layout, dtype):
+    rng = np.random.default_rng([rank, LAYOUTS.index(layout), DTYPES.index(dtype)])
+    for _ in range(12):
+        shape, out = _case(rng, rank)
+        _check(_make(rng, shape, dtype, layout), out, dtype, rng)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_windows_and_special_values(layout, dtype):
+    # windows of 150-300 along W (longer than any vector/unroll), and rows of H spanning several windows
+    rng = np.random.default_rng(7)
+    for shape, out in [((2, 3, 300), (2,)), ((2, 3, 300), (1,)), ((1, 4, 37, 301), (3, 2)),
+                       ((1, 2, 3, 5, 257), (2, 2, 1)), ((2, 17, 9, 9), (1, 1)), ((1, 3, 1, 1), (4, 5))]:
+        _check(_make(rng, shape, dtype, layout), out, dtype, rng)
+
+
+def test_all_nan_and_inf_windows():
+    x = torch.tensor([[[np.nan, 1.0, np.nan, 2.0, np.inf, -np.inf, 3.0, 3.0, -0.0, 0.0]]])
+    # windows [0,2) [2,4) [4,6) [6,8) [8,10): a NaN wins; +inf is a plain maximum; ties keep the first,
+    # including -0.0 == 0.0
+    np.testing.assert_array_equal(cpu.max_forward(x, (5,))[1].numpy(), [[[0, 2, 4, 6, 8]]])
+    # windows [0,4) [3,7) [6,10): the last of two NaNs wins
+    values, indices = cpu.max_forward(x, (3,))
+    np.testing.assert_array_equal(indices.numpy(), [[[2, 4, 6]]])
+    assert torch.isnan(values[0, 0, 0]) and values[0, 0, 1] == np.inf
+    avg = cpu.avg_forward(x, (3,))
+    assert torch.isnan(avg[0, 0, 1]) and avg[0, 0, 2] == 1.5  # inf + -inf is NaN, as in PyTorch
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_is_bitwise_deterministic(layout):
+    rng = np.random.default_rng(3)
+    x = _make(rng, (4, 8, 23, 29), torch.float32, layout, special=False)
+    out = (7, 5)  # overlapping windows: inputs covered by two outputs sum two terms
+    _, indices = cpu.max_forward(x, out)
+    g = torch.from_numpy(rng.standard_normal((4, 8, *out)).astype(np.float32))
+    if layout == "channels_last":
+        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 2, 3):
+            torch.set_num_threads(n)
+            runs.append((cpu.avg_backward(g, (23, 29)), cpu.max_backward(g, indices, (23, 29))))
+    finally:
+        torch.set_num_threads(threads)
+    for avg, mx in runs[1:]:
+        assert torch.equal(avg.view(torch.int32), runs[0][0].view(torch.int32))
+        assert torch.equal(mx.view(torch.int32), runs[0][1].view(torch.int32))
+
+
+def test_supports():
+    x = torch.randn(2, 3, 8, 8)
+    assert cpu.supports(x, [4, 4])
+    assert not cpu.supports(x.half(), [4, 4])  # float16: the portable path
+    assert not cpu.supports(x, [0, 4])  # empty output
+    assert not cpu.supports(torch.randn(2, 3, 0, 8), [4, 4])
+    assert not cpu.supports(torch.randn(1, 1, 2, 2, 2, 2), [1, 1, 1, 1])  # spatial rank 4
+    assert not cpu.supports(torch.zeros(1).expand(1, 1, 2**16, 2**15), [2, 2])  # 2**31 positions: int32 overflow
