@@ -71,12 +71,12 @@ def _back(y: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
 def avg_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     """Mean over each window; float16/bfloat16 accumulate in float32."""
     v, out = _logical(x, spec)
-    return _back(ops.adaptive_avg_pool(v, out), spec)
+    return _back(ops.avg_pool(v, out), spec)
 
 
 def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False):
     """Max over each window (NaN propagates); indices are int64 flat offsets in the spatial plane."""
     require_supported(dtype_name(x), x.dtype not in _UNSUPPORTED, "adaptive_max_pool", name)
     v, out = _logical(x, spec)
-    values, indices = ops.adaptive_max_pool(v, out)
+    values, indices = ops.max_pool(v, out)
     return (_back(values, spec), _back(indices, spec)) if return_indices else _back(values, spec)

@@ -225,3 +225,71 @@ adaptive_avg_pool.register_autograd(_avg_grad, setup_context=_avg_setup)
 adaptive_avg_pool_backward.register_autograd(_avg_backward_grad, setup_context=_avg_backward_setup)
 adaptive_max_pool.register_autograd(_max_grad, setup_context=_max_setup)
 adaptive_max_pool_backward.register_autograd(_max_backward_grad, setup_context=_max_backward_setup)
+
+
+# --- eager fast path ----------------------------------------------------------------------------
+# A custom-op call costs tens of microseconds of dispatch in eager mode, more than the
+# whole pooling of a small tensor.  Plain eager calls therefore run the implementation
+# directly (through an autograd.Function when a gradient is needed); anything that traces
+# — torch.compile, torch.export, jit.trace, ONNX export, dispatch modes, functorch — keeps
+# the custom ops, which are what those systems understand.
+
+
+def _eager(x: torch.Tensor) -> bool:
+    return (type(x) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+class _EagerAvg(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size):
+        return _conform(implementation(x, output_size).avg_forward(x, output_size), x, output_size)
+
+    setup_context = staticmethod(_avg_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # double backward: the differentiable op
+            return _avg_grad(ctx, grad)
+        impl = implementation(grad, grad.shape[2:])
+        return _conform(impl.avg_backward(grad, ctx.input_size), grad, ctx.input_size), None
+
+
+class _EagerMax(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size):
+        values, indices = implementation(x, output_size).max_forward(x, output_size)
+        return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
+
+    setup_context = staticmethod(_max_setup)
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        if torch.is_grad_enabled():
+            return _max_grad(ctx, grad_values, grad_indices)
+        (indices,) = ctx.saved_tensors
+        impl = implementation(grad_values, grad_values.shape[2:])
+        grad = impl.max_backward(grad_values, indices, ctx.input_size)
+        return _conform(grad, grad_values, ctx.input_size), None
+
+
+def _run(function: type[torch.autograd.Function], op, x: torch.Tensor, output_size: list[int]):
+    if not _eager(x):
+        return op(x, output_size)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return function.apply(x, output_size)
+    return function.forward(x, output_size)  # no graph to record: skip autograd's bookkeeping too
+
+
+def avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    """``anypool::adaptive_avg_pool``, run directly in plain eager mode."""
+    return _run(_EagerAvg, adaptive_avg_pool, x, output_size)
+
+
+def max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``anypool::adaptive_max_pool``, run directly in plain eager mode."""
+    return _run(_EagerMax, adaptive_max_pool, x, output_size)
