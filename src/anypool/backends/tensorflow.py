@@ -1,0 +1,352 @@
+"""The TensorFlow backend: eager, ``tf.function`` and SavedModel, static or unknown spatial sizes.
+
+Pooling is separable, so each spatial axis is pooled on its own (length ``L`` →
+``O``, windows from :mod:`anypool._bins`):
+
+* avg, ``L % O == 0``: reshape ``L`` into ``(O, L/O)`` and take the mean;
+* avg otherwise: multiply by the ``(O, L)`` averaging matrix (a GEMM);
+* max: reshape (divisible) or gather the ``(O, K)`` window indices, then reduce
+  over ``K`` — with a custom gradient that routes to the argmax, like PyTorch
+  (TensorFlow's own ``reduce_max`` gradient would split it between ties).
+
+When ``L`` is only known at run time (``tf.function`` with ``None`` dims) the
+window starts, ends, averaging matrix and gather indices are built in the graph
+from the same symbolic-safe ``_bins.*_expr`` formulas.  float16/bfloat16 average
+in float32.  Axes whose output size equals the input size are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from .. import _bins
+from .._args import PoolSpec
+
+name = "tensorflow"
+
+
+def is_array(x) -> bool:
+    return isinstance(x, (tf.Tensor, tf.Variable))
+
+
+def shape(x) -> tuple[int | None, ...]:
+    return tuple(x.shape.as_list())
+
+
+def dtype_name(x) -> str:
+    return x.dtype.name
+
+
+def is_floating(x) -> bool:
+    return x.dtype.is_floating
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> tf.Tensor:
+    return tf.cast(tf.constant(a), dtype)
+
+
+def to_numpy(x) -> np.ndarray:
+    return x.numpy()
+
+
+def squeeze(x, axes):
+    return tf.squeeze(x, axis=list(axes))
+
+
+# ---------------------------------------------------------------- geometry helpers
+
+
+def _dims(x) -> list:
+    """Each dimension as a Python int when static, else a scalar int64 tensor."""
+    dynamic = None
+    dims = []
+    for i, d in enumerate(x.shape.as_list()):
+        if d is None:
+            dynamic = tf.shape(x, out_type=tf.int64) if dynamic is None else dynamic
+            d = dynamic[i]
+        dims.append(d)
+    return dims
+
+
+def _prod(dims) -> object:
+    static = math.prod(d for d in dims if isinstance(d, int))
+    out = static
+    for d in dims:
+        if not isinstance(d, int):
+            out = d * out
+    return out
+
+
+def _is_identity(length, out) -> bool:
+    """``O == L`` (or ``None``: keep the size): every window is one element."""
+    return out is None or (isinstance(length, int) and length == out)
+
+
+def _bounds(length, out: int):
+    """Window starts and ends, shape ``(O,)`` int64, built in the graph from ``_bins``."""
+    j = tf.range(out, dtype=tf.int64)
+    return _bins.start_expr(j, length, out), _bins.end_expr(j, length, out)
+
+
+def _window_index(length, out: int) -> tf.Tensor:
+    """``(O, K)`` gather indices (rows padded by repeating their last index)."""
+    if isinstance(length, int):
+        return tf.constant(_bins.window_index(length, out))
+    starts, ends = _bounds(length, out)
+    k = tf.range(_bins.max_window_expr(length, out), dtype=tf.int64)
+    return tf.minimum(starts[:, None] + k[None, :], ends[:, None] - 1)
+
+
+def _averaging_matrix(length, out: int, dtype: tf.DType) -> tf.Tensor:
+    """``(O, L)``: ``1/len(j)`` inside window ``j``."""
+    if isinstance(length, int):
+        return tf.constant(_bins.averaging_matrix(length, out, dtype.name))
+    starts, ends = _bounds(length, out)
+    i = tf.range(length, dtype=tf.int64)
+    inside = (i[None, :] >= starts[:, None]) & (i[None, :] < ends[:, None])
+    return tf.cast(inside, dtype) / tf.cast(ends - starts, dtype)[:, None]
+
+
+def _order(spec: PoolSpec) -> list[int]:
+    """Spatial positions, the most-reducing axis first (later axes then see less data)."""
+    def ratio(k):
+        length, out = spec.input_size[k], spec.output_size[k]
+        return 0.0 if length is None or out is None else -length / max(out, 1)
+    return sorted(range(spec.rank), key=ratio)
+
+
+# ---------------------------------------------------------------- average
+
+
+def _avg_general(x, spec: PoolSpec):
+    """Mean over each window, for sizes known only at run time.
+
+    The averaging-matrix GEMM multiplies every input of a row by a weight, so a
+    single inf or NaN would spill into windows that do not hold it (``0·inf``).
+    When the (small) output is not all finite, it is recomputed exactly with
+    gathered windows and masked sums — IEEE sums, so ``inf``/``NaN`` land as in PyTorch.
+    """
+    x = tf.convert_to_tensor(x)
+    acc = x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+    out, used_matrix = _avg_axes(acc, spec, exact=False)
+    if used_matrix:
+        out = tf.cond(tf.reduce_all(tf.math.is_finite(out)), lambda: out, lambda: _avg_axes(acc, spec, exact=True)[0])
+    return tf.cast(out, x.dtype)
+
+
+def _avg_axes(acc, spec: PoolSpec, exact: bool):
+    used_matrix = False
+    for k in _order(spec):
+        axis, out = spec.spatial_axes[k], spec.output_size[k]
+        dims = _dims(acc)
+        length = dims[axis]
+        if _is_identity(length, out):
+            continue
+        before, after = _prod(dims[:axis]), _prod(dims[axis + 1:])
+        if isinstance(length, int) and _bins.fixed_pool(length, out):
+            # equal windows: a free reshape and a contiguous mean
+            acc = tf.reduce_mean(tf.reshape(acc, [before, out, length // out, after]), axis=2)
+        elif exact:
+            starts, ends = _bounds(length, out)
+            window = _window_index(length, out)  # (O, K), rows padded with repeats: masked out
+            inside = tf.range(tf.shape(window, out_type=tf.int64)[1])[None, :] < (ends - starts)[:, None]
+            t = tf.gather(tf.reshape(acc, [before, length, after]), window, axis=1)
+            acc = tf.reduce_sum(tf.where(inside[None, :, :, None], t, tf.zeros((), acc.dtype)), axis=2)
+            acc = acc / tf.cast(ends - starts, acc.dtype)[None, :, None]
+        else:
+            used_matrix = True
+            a = _averaging_matrix(length, out, acc.dtype)
+            if isinstance(after, int) and after == 1:
+                acc = tf.matmul(tf.reshape(acc, [before, length]), a, transpose_b=True)
+            else:
+                acc = tf.einsum("ol,blr->bor", a, tf.reshape(acc, [before, length, after]))
+        acc = tf.reshape(acc, dims[:axis] + [out] + dims[axis + 1:])
+    return acc, used_matrix
+
+
+# ---------------------------------------------------------------- max
+
+
+@tf.custom_gradient
+def _routed_max(t):
+    """``reduce_max`` over axis 2 of ``(B, O, K, R)``; the gradient goes to the picked position only."""
+    def grad(g):
+        pick = _pick(t)
+        k = tf.range(tf.shape(t, out_type=tf.int64)[2], dtype=tf.int64)[None, None, :, None]
+        return tf.where(k == pick, g[:, :, None, :], tf.zeros((), g.dtype))
+    return tf.reduce_max(t, axis=2), grad
+
+
+def _pick(t) -> tf.Tensor:
+    """PyTorch's choice along axis 2 of ``(B, O, K, R)`` (keepdims): first max, or last NaN."""
+    size = tf.shape(t, out_type=tf.int64)[2]
+    k = tf.range(size, dtype=tf.int64)[None, None, :, None]
+    best = tf.reduce_max(t, axis=2, keepdims=True)
+    first_max = tf.reduce_min(tf.where(t == best, k, size), axis=2, keepdims=True)
+    if not t.dtype.is_floating:
+        return first_max
+    # a NaN max means the window holds NaN: PyTorch reports its last one
+    last_nan = tf.reduce_max(tf.where(tf.math.is_nan(t), k, tf.constant(-1, tf.int64)), axis=2, keepdims=True)
+    return tf.where(tf.math.is_nan(best), last_nan, first_max)
+
+
+def _select(t, pick) -> tf.Tensor:
+    """``t[b, o, pick[b, o, 0, r], r]`` for ``t`` of shape ``(B, O, K, R)``."""
+    k = tf.range(tf.shape(t, out_type=tf.int64)[2], dtype=tf.int64)[None, None, :, None]
+    return tf.reduce_sum(tf.where(k == pick, t, tf.zeros((), t.dtype)), axis=2)
+
+
+def _max_general(x, spec: PoolSpec, return_indices: bool = False):
+    """Max by gathered windows, exact everywhere (NaN, ties, unknown sizes); also the indices.
+
+    Axes are reduced from the last spatial axis to the first, each keeping
+    PyTorch's rule (first max, last NaN); composed this way they select exactly the
+    row-major first max (or last NaN) of the product window.  ``positions[k]``
+    holds, per output, the chosen input index along spatial axis ``k``.
+    """
+    x = tf.convert_to_tensor(x)
+    values = x
+    positions: dict[int, tf.Tensor] = {}
+    kept: set[int] = set()  # identity axes: their position is an iota, broadcast, not gathered
+    for k in reversed(range(spec.rank)):
+        axis, out = spec.spatial_axes[k], spec.output_size[k]
+        dims = _dims(values)
+        length = dims[axis]
+        before, after = _prod(dims[:axis]), _prod(dims[axis + 1:])
+        new_dims = dims[:axis] + [out] + dims[axis + 1:]
+        if _is_identity(length, out):
+            if return_indices:
+                shape = [1] * len(dims)
+                shape[axis] = -1
+                positions[k] = tf.reshape(tf.range(length, dtype=tf.int64), shape)
+                kept.add(k)
+            continue
+        fixed = isinstance(length, int) and _bins.fixed_pool(length, out)
+        if fixed:
+            window = None
+            t = tf.reshape(values, [before, out, length // out, after])
+        else:
+            window = _window_index(length, out)
+            t = tf.gather(tf.reshape(values, [before, length, after]), window, axis=1)  # (B, O, K, R)
+        values = tf.reshape(_routed_max(t), new_dims)
+        if not return_indices:
+            continue
+        pick = _pick(t)
+        for m, pos in list(positions.items()):  # earlier choices along later axes follow the pick
+            if m in kept:
+                continue  # does not vary along this axis: unaffected by the pick
+            p = tf.reshape(pos, [before, length, after])
+            p = tf.reshape(p, [before, out, length // out, after]) if fixed else tf.gather(p, window, axis=1)
+            positions[m] = tf.reshape(_select(p, pick), new_dims)
+        if fixed:
+            chosen = tf.range(out, dtype=tf.int64)[None, :, None] * (length // out) + pick[:, :, 0, :]
+        else:
+            starts, ends = _bounds(length, out)
+            chosen = tf.minimum(starts[None, :, None] + pick[:, :, 0, :], ends[None, :, None] - 1)
+        positions[k] = tf.reshape(chosen, new_dims)
+    if not return_indices:
+        return values
+    dims = _dims(x)
+    flat, stride = tf.zeros((), tf.int64), tf.ones((), tf.int64)
+    for k in reversed(range(spec.rank)):
+        flat = flat + positions[k] * stride
+        stride = stride * tf.cast(dims[spec.spatial_axes[k]], tf.int64)
+    return values, tf.broadcast_to(flat, tf.shape(values, out_type=tf.int64))
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def avg_pool(x, spec: PoolSpec):
+    """Mean over each window: ``(…, L, …) → (…, O, …)`` per spatial axis."""
+    x = tf.convert_to_tensor(x)
+    if _static(spec):
+        return _pooled(x, spec, "avg")
+    return _avg_general(x, spec)
+
+
+def max_pool(x, spec: PoolSpec, return_indices: bool = False):
+    """Max over each window; with ``return_indices`` also int64 flat offsets into the spatial plane
+    (first max on ties, last NaN in a window holding NaN, as PyTorch)."""
+    x = tf.convert_to_tensor(x)
+    if return_indices or not _static(spec) or not x.dtype.is_floating:
+        return _max_general(x, spec, return_indices)
+    # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
+    # inf - inf: a false alarm that merely takes the exact route), one cheap read.
+    has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
+    return tf.cond(has_nan, lambda: _max_general(x, spec), lambda: _pooled(x, spec, "max"))
+
+
+# ---------------------------------------------------------------- fast path: TensorFlow's pooling kernels
+
+
+def _static(spec: PoolSpec) -> bool:
+    return all(isinstance(s, int) for s in spec.input_size) and all(o is not None and o >= 1 for o in spec.output_size)
+
+
+def _pooled(x, spec: PoolSpec, op: str):
+    """Static sizes: TensorFlow's (oneDNN) pooling kernels on a channels-last view.
+
+    All axes divisible: one ``avg_pool``/``max_pool`` with kernel = stride = ``L/O``.
+    Otherwise, axis by axis on a ``(P, L, Q, C)`` view: let ``l`` be the shortest
+    window; gather the first ``l`` inputs of every window (contiguous rows, so a
+    copy of whole ``Q·C`` slices) and pool them with kernel = stride = ``l``; the
+    windows one longer (every window has length ``l`` or ``l + 1``) add their last
+    input.  For max, ties go to the earlier positions (``tf.maximum``'s gradient
+    favours its first argument), so gradients route to PyTorch's argmax.
+    """
+    dtype = x.dtype
+    t = x if op == "max" or dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+    rank = spec.rank
+    if not spec.batched:
+        t = t[None]
+    if not spec.channels_last:
+        t = tf.transpose(t, [0, *range(2, rank + 2), 1])
+    pool = tf.nn.avg_pool if op == "avg" else tf.nn.max_pool
+    sizes, outs = list(spec.input_size), spec.output_size
+    if rank <= 2 and all(_bins.fixed_pool(L, o) for L, o in zip(sizes, outs)):
+        kernel = [L // o for L, o in zip(sizes, outs)]
+        if any(k > 1 for k in kernel):
+            t = pool(t, kernel, kernel, "VALID")
+    else:
+        n, c = _dims(t)[0], t.shape[-1]
+        # max: last axis first, so that per-axis "first max" composes to the row-major first
+        for k in _order(spec) if op == "avg" else reversed(range(rank)):
+            length, out = sizes[k], outs[k]
+            if length == out:
+                continue
+            before, after = math.prod(sizes[:k]), math.prod(sizes[k + 1:])
+            v = tf.reshape(t, [n * before if isinstance(n, int) else n * before, length, after, c])
+            v = _pool_axis(v, length, out, op, pool)
+            sizes[k] = out
+            t = tf.reshape(v, [n, *sizes, c])
+    if not spec.channels_last:
+        t = tf.transpose(t, [0, rank + 1, *range(1, rank + 1)])
+    if not spec.batched:
+        t = t[0]
+    return tf.cast(t, dtype)
+
+
+def _pool_axis(v, length: int, out: int, op: str, pool):
+    """Pool axis 1 of ``v`` ``(P, L, Q, C)`` from ``L`` to ``O``: see :func:`_pooled`."""
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        return pool(v, [fixed[0], 1], [fixed[0], 1], "VALID")
+    b = _bins.axis_bins(length, out)
+    short = int(b.lengths.min())
+    firsts = (b.starts[:, None] + np.arange(short)).reshape(-1)
+    t = tf.gather(v, firsts, axis=1)  # (P, O·l, Q, C)
+    if short > 1:
+        t = pool(t, [short, 1], [short, 1], "VALID")
+    longer = b.lengths > short
+    if not longer.any():
+        return t
+    extra = tf.gather(v, np.minimum(b.starts + short, length - 1), axis=1)  # (P, O, Q, C)
+    mask = tf.constant(longer[None, :, None, None])
+    if op == "max":
+        return tf.maximum(t, tf.where(mask, extra, tf.constant(-np.inf, v.dtype)))
+    total = t * short + tf.where(mask, extra, tf.zeros((), v.dtype))
+    return total / tf.constant(b.lengths.astype(v.dtype.as_numpy_dtype)[None, :, None, None])
