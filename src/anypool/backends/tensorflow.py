@@ -274,10 +274,35 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     x = tf.convert_to_tensor(x)
     if return_indices or not _static(spec) or not x.dtype.is_floating:
         return _max_general(x, spec, return_indices)
-    # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
-    # inf - inf: a false alarm that merely takes the exact route), one cheap read.
-    has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
-    return tf.cond(has_nan, lambda: _max_general(x, spec), lambda: _pooled(x, spec, "max"))
+    return _max_routed(x, spec)
+
+
+def _max_routed(x, spec: PoolSpec):
+    """Fast max with an exact NaN fallback, under one custom gradient.
+
+    TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so
+    does ``inf - inf``: a false alarm that merely takes the exact route), one cheap
+    read.  The ``tf.cond`` sits inside ``tf.custom_gradient`` because a
+    differentiated ``cond`` keeps the untaken branch's intermediates alive (as
+    zeros) — here each branch recomputes its own gradient instead.
+    """
+    def has_nan():
+        return tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
+
+    def branch_grad(fn, g):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        return tape.gradient(y, x, output_gradients=g)
+
+    @tf.custom_gradient
+    def routed(x):
+        def grad(g):
+            return tf.cond(has_nan(), lambda: branch_grad(lambda t: _max_general(t, spec), g),
+                           lambda: branch_grad(lambda t: _pooled(t, spec, "max"), g))
+        return tf.cond(has_nan(), lambda: _max_general(x, spec), lambda: _pooled(x, spec, "max")), grad
+
+    return routed(x)
 
 
 # ---------------------------------------------------------------- fast path: TensorFlow's pooling kernels
@@ -338,15 +363,43 @@ def _pool_axis(v, length: int, out: int, op: str, pool):
     b = _bins.axis_bins(length, out)
     short = int(b.lengths.min())
     firsts = (b.starts[:, None] + np.arange(short)).reshape(-1)
-    t = tf.gather(v, firsts, axis=1)  # (P, O·l, Q, C)
+    t = _gather_rows(v, firsts)  # (P, O·l, Q, C)
     if short > 1:
         t = pool(t, [short, 1], [short, 1], "VALID")
     longer = b.lengths > short
     if not longer.any():
         return t
-    extra = tf.gather(v, np.minimum(b.starts + short, length - 1), axis=1)  # (P, O, Q, C)
+    extra = _gather_rows(v, np.minimum(b.starts + short, length - 1))  # (P, O, Q, C)
     mask = tf.constant(longer[None, :, None, None])
     if op == "max":
         return tf.maximum(t, tf.where(mask, extra, tf.constant(-np.inf, v.dtype)))
     total = t * short + tf.where(mask, extra, tf.zeros((), v.dtype))
     return total / tf.constant(b.lengths.astype(v.dtype.as_numpy_dtype)[None, :, None, None])
+
+
+def _gather_rows(v, index: np.ndarray):
+    """``tf.gather(v, index, axis=1)`` whose gradient is a gather too.
+
+    TensorFlow's own gradient of a gather along axis 1 transposes the whole
+    gradient and runs a segment sum; here each input row ``i`` sums the (few)
+    gathered rows that copied it, listed in a static ``(L, M)`` table whose padding
+    points at an appended zero row.
+    """
+    length = v.shape[1]
+    counts = np.bincount(index, minlength=length)
+    order = np.argsort(index, kind="stable")
+    table = np.full((length, max(int(counts.max()), 1)), len(index), np.int64)
+    rank_in_row = np.arange(len(index)) - np.repeat(np.cumsum(counts) - counts, counts)
+    table[index[order], rank_in_row] = order
+
+    @tf.custom_gradient
+    def gather(v):
+        def grad(g):
+            padded = tf.concat([g, tf.zeros_like(g[:, :1])], axis=1)
+            total = tf.gather(padded, table[:, 0], axis=1)
+            for m in range(1, table.shape[1]):
+                total = total + tf.gather(padded, table[:, m], axis=1)
+            return total
+        return tf.gather(v, index, axis=1), grad
+
+    return gather(v)

@@ -1,0 +1,1 @@
+"""Framework layers: ``anypool.layers.torch``, ``anypool.layers.keras``, ``anypool.layers.flax``."""
