@@ -35,6 +35,8 @@ __all__ = [
     "cover_last_expr",
     "max_window",
     "max_window_expr",
+    "max_cover",
+    "max_cover_expr",
     "window_index",
     "averaging_matrix",
     "fixed_pool",
@@ -68,6 +70,15 @@ def max_window_expr(length: Any, out: Any) -> Any:
     must pick a static gather width for a run-time ``L`` uses this bound.
     """
     return (length + out - 1) // out + 1
+
+
+def max_cover_expr(length: Any, out: Any) -> Any:
+    """An upper bound on how many outputs cover one input: ``(O + L - 2) // L + 1``.
+
+    ``cover_last - cover_first <= (O + L - 2) / L``; a gather-based backward that must
+    pick a static width for a run-time ``L`` uses this bound.
+    """
+    return (out + length - 2) // length + 1
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,15 @@ def max_window(input_size: int, output_size: int) -> int:
     """The longest window of the axis (0 when the output is empty)."""
     b = axis_bins(input_size, output_size)
     return int(b.lengths.max()) if output_size else 0
+
+
+@functools.lru_cache(maxsize=1024)
+def max_cover(input_size: int, output_size: int) -> int:
+    """The most outputs covering one input of the axis (0 when the output is empty)."""
+    if not output_size:
+        return 0
+    first, last = axis_bins(input_size, output_size).cover()
+    return int((last - first).max()) + 1
 
 
 @functools.lru_cache(maxsize=1024)

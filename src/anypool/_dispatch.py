@@ -22,23 +22,33 @@ BACKENDS = {
 }
 
 
+def _backend(module: str) -> ModuleType | None:
+    # an already imported backend comes from sys.modules: no import machinery on the
+    # hot path, which also keeps torch.compile from breaking the graph there
+    found = sys.modules.get(module)
+    if found is not None:
+        return found
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # a real import error inside the backend
+            raise
+        return None
+
+
 def loaded_backends() -> list[ModuleType]:
     """Backends whose framework is already imported and whose backend module exists."""
-    found = []
-    for framework, module in BACKENDS.items():
-        if framework in sys.modules:
-            try:
-                found.append(importlib.import_module(module))
-            except ModuleNotFoundError as e:
-                if e.name != module:  # a real import error inside the backend
-                    raise
-    return found
+    found = [_backend(module) for framework, module in BACKENDS.items() if framework in sys.modules]
+    return [b for b in found if b is not None]
 
 
 def backend_for(x, function: str) -> ModuleType:
-    for backend in loaded_backends():
-        if backend.is_array(x):
-            return backend
+    # lazily, in order: the first match is returned before later backends are even imported
+    for framework, module in BACKENDS.items():
+        if framework in sys.modules:
+            backend = _backend(module)
+            if backend is not None and backend.is_array(x):
+                return backend
     raise _args.unsupported_type(x, function)
 
 

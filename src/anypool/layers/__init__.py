@@ -1,1 +1,1 @@
-"""Framework layers: ``anypool.layers.torch``, ``anypool.layers.keras``, ``anypool.layers.flax``."""
+"""Framework layers: ``anypool.layers.torch`` (torch.nn), ``anypool.layers.keras``, ``anypool.layers.flax``."""

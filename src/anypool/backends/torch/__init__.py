@@ -1,0 +1,82 @@
+"""The PyTorch backend: any device, float16/bfloat16/float32/float64, both layouts.
+
+Every call is mapped — with views only — onto the logical batched channels-first
+tensor ``(N, C, *S)`` that the ``anypool::`` custom ops take (:mod:`.ops`):
+unbatched input gets ``unsqueeze(0)``, ``data_format="channels_last"`` input
+``(N, *S, C)`` is viewed as ``movedim(-1, 1)`` (a channels_last-strided view, never
+a copy), and the result is mapped back the same way.  The ops keep the memory
+format, so an NHWC tensor stays NHWC end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..._args import PoolSpec, require_supported
+from . import ops
+
+name = "torch"
+
+_UNSUPPORTED = (torch.bool, torch.complex32, torch.complex64, torch.complex128)
+
+
+def is_array(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def shape(x) -> tuple[int | None, ...]:
+    # a symbolic size (torch.compile with dynamic shapes) is reported unknown rather
+    # than forced to an int, which would specialise the compiled graph to it
+    return tuple(s if isinstance(s, int) else None for s in x.shape)
+
+
+def dtype_name(x) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def is_floating(x) -> bool:
+    return x.is_floating_point()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype))
+
+
+def to_numpy(x) -> np.ndarray:
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def squeeze(x, axes):
+    return x.squeeze(tuple(axes))
+
+
+def _logical(x: torch.Tensor, spec: PoolSpec) -> tuple[torch.Tensor, list]:
+    """``x`` as ``(N, C, *S)`` (a view) and the concrete output size."""
+    if not spec.batched:
+        x = x.unsqueeze(0)
+    if spec.channels_last:
+        x = x.movedim(-1, 1)
+    out = [x.shape[2 + d] if o is None else o for d, o in enumerate(spec.output_size)]
+    return x, out
+
+
+def _back(y: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    if spec.channels_last:
+        y = y.movedim(1, -1)
+    return y if spec.batched else y.squeeze(0)
+
+
+def avg_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """Mean over each window; float16/bfloat16 accumulate in float32."""
+    v, out = _logical(x, spec)
+    return _back(ops.adaptive_avg_pool(v, out), spec)
+
+
+def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False):
+    """Max over each window (NaN propagates); indices are int64 flat offsets in the spatial plane."""
+    require_supported(dtype_name(x), x.dtype not in _UNSUPPORTED, "adaptive_max_pool", name)
+    v, out = _logical(x, spec)
+    values, indices = ops.adaptive_max_pool(v, out)
+    return (_back(values, spec), _back(indices, spec)) if return_indices else _back(values, spec)

@@ -1,0 +1,214 @@
+"""The ``anypool::`` custom ops: one opaque op per direction, with fake impls and autograd.
+
+Forward schemas (the ONNX exporter translates these two by name)::
+
+    anypool::adaptive_avg_pool(Tensor x, int[] output_size) -> Tensor
+    anypool::adaptive_max_pool(Tensor x, int[] output_size) -> (Tensor, Tensor)   # values, int64 indices
+
+and their backward ops::
+
+    anypool::adaptive_avg_pool_backward(Tensor grad_out, SymInt[] input_size) -> Tensor
+    anypool::adaptive_max_pool_backward(Tensor grad_out, Tensor indices, SymInt[] input_size) -> Tensor
+
+``x`` is the logical ``(N, C, *S)`` tensor with ``len(S) == len(output_size)``, any
+strides; ``input_size`` is ``S``.  Results keep the input's memory format: a tensor
+whose channels are innermost in memory (channels_last, in any rank) gives results
+with that layout, anything else gives contiguous results — the fake impls promise
+exactly the strides the real ones return.
+
+Avg backward is itself linear: its backward is the forward pooling again, so double
+backward (and ``gradgradcheck``) work to any order.  Max backward's backward gathers
+the incoming gradient at the argmax.
+
+Each op picks its implementation per call from :data:`IMPLEMENTATIONS` (device type ->
+module), falling back to :mod:`.portable`.  A module there exposes
+``supports(x, output_size) -> bool`` (asked with the tensor the function reads — the
+input for a forward, ``grad_out`` for a backward — and the pooled spatial size) and
+``avg_forward(x, output_size)``, ``avg_backward(grad_out, input_size)``,
+``max_forward(x, output_size) -> (values, indices)``,
+``max_backward(grad_out, indices, input_size)``, all on logical ``(N, C, *S)`` tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+from . import portable
+
+# device type -> module with the fast implementation.  A module that does not exist
+# (not written yet, or its compiler is missing) leaves that device on the portable path.
+IMPLEMENTATIONS = {
+    "cpu": "anypool.backends.torch.cpu",
+    "cuda": "anypool.backends.torch.triton",
+}
+
+_loaded: dict[str, ModuleType | None] = {}
+_forced: str | None = None
+
+
+def _module(name: str) -> ModuleType | None:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(name)
+        except ImportError as e:
+            if getattr(e, "name", None) != name:  # present but broken, or its compiler is missing: say so once
+                warnings.warn(f"anypool: {name} unavailable ({e}); using the portable torch path", stacklevel=3)
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def implementation(x: torch.Tensor, output_size) -> ModuleType:
+    """The module that runs this call: the device's fast one if it exists and supports it, else portable."""
+    if _forced is not None:
+        return portable if _forced == "portable" else importlib.import_module(_forced)
+    name = IMPLEMENTATIONS.get(x.device.type)
+    module = _module(name) if name else None
+    if module is not None and module.supports(x, list(output_size)):
+        return module
+    return portable
+
+
+@contextlib.contextmanager
+def force_implementation(name: str | None):
+    """Run every op with one implementation (``"portable"`` or a module name); for tests and benchmarks."""
+    global _forced
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _layout_empty(x: torch.Tensor, spatial, dtype=None) -> torch.Tensor:
+    """An uninitialised ``(N, C, *spatial)`` tensor in ``x``'s memory format."""
+    n, c = x.shape[0], x.shape[1]
+    if portable.channels_last(x):
+        return x.new_empty((n, *spatial, c), dtype=dtype).movedim(-1, 1)
+    return x.new_empty((n, c, *spatial), dtype=dtype)
+
+
+def _layout_strides(x: torch.Tensor, spatial) -> tuple[int, ...]:
+    """The strides :func:`_layout_empty` gives, without allocating (real, int sizes)."""
+    n, c = x.shape[0], x.shape[1]
+    cl = portable.channels_last(x)
+    physical = (n, *spatial, c) if cl else (n, c, *spatial)
+    strides, step = [], 1
+    for size in reversed(physical):
+        strides.append(step)
+        step *= max(int(size), 1)
+    strides.reverse()
+    return (strides[0], strides[-1], *strides[1:-1]) if cl else tuple(strides)
+
+
+def _conform(out: torch.Tensor, x: torch.Tensor, spatial, dtype=None) -> torch.Tensor:
+    """``out`` with exactly the strides the fake impl promised; a copy only when they differ."""
+    if out.stride() == _layout_strides(x, spatial):
+        return out
+    return _layout_empty(x, spatial, dtype).copy_(out)
+
+
+# --- forward ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("anypool::adaptive_avg_pool", mutates_args=(),
+                         schema="(Tensor x, int[] output_size) -> Tensor")
+def adaptive_avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    out = implementation(x, output_size).avg_forward(x, output_size)
+    return _conform(out, x, output_size)
+
+
+@adaptive_avg_pool.register_fake
+def _(x, output_size):
+    return _layout_empty(x, output_size)
+
+
+@torch.library.custom_op("anypool::adaptive_max_pool", mutates_args=(),
+                         schema="(Tensor x, int[] output_size) -> (Tensor, Tensor)")
+def adaptive_max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = implementation(x, output_size).max_forward(x, output_size)
+    return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
+
+
+@adaptive_max_pool.register_fake
+def _(x, output_size):
+    return _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
+
+
+# --- backward ops -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("anypool::adaptive_avg_pool_backward", mutates_args=(),
+                         schema="(Tensor grad_out, SymInt[] input_size) -> Tensor")
+def adaptive_avg_pool_backward(grad_out: torch.Tensor, input_size: list[int]) -> torch.Tensor:
+    out = implementation(grad_out, grad_out.shape[2:]).avg_backward(grad_out, input_size)
+    return _conform(out, grad_out, input_size)
+
+
+@adaptive_avg_pool_backward.register_fake
+def _(grad_out, input_size):
+    return _layout_empty(grad_out, input_size)
+
+
+@torch.library.custom_op("anypool::adaptive_max_pool_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor indices, SymInt[] input_size) -> Tensor")
+def adaptive_max_pool_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size: list[int]) -> torch.Tensor:
+    out = implementation(grad_out, grad_out.shape[2:]).max_backward(grad_out, indices, input_size)
+    return _conform(out, grad_out, input_size)
+
+
+@adaptive_max_pool_backward.register_fake
+def _(grad_out, indices, input_size):
+    return _layout_empty(grad_out, input_size)
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+
+def _avg_setup(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape[2:])
+
+
+def _avg_grad(ctx, grad):
+    return adaptive_avg_pool_backward(grad, ctx.input_size), None
+
+
+def _avg_backward_setup(ctx, inputs, output):
+    ctx.output_size = [int(s) for s in inputs[0].shape[2:]]
+
+
+def _avg_backward_grad(ctx, grad):
+    # avg backward is linear in grad_out; its adjoint is the forward pooling
+    return adaptive_avg_pool(grad, ctx.output_size), None
+
+
+def _max_setup(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape[2:])
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_grad(ctx, grad_values, grad_indices):
+    (indices,) = ctx.saved_tensors
+    return adaptive_max_pool_backward(grad_values, indices, ctx.input_size), None
+
+
+def _max_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_backward_grad(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    # d(max backward)/d(grad_out) reads the incoming gradient at each argmax
+    picked = grad.flatten(2).gather(2, indices.flatten(2)).reshape(indices.shape)
+    return picked, None, None
+
+
+adaptive_avg_pool.register_autograd(_avg_grad, setup_context=_avg_setup)
+adaptive_avg_pool_backward.register_autograd(_avg_backward_grad, setup_context=_avg_backward_setup)
+adaptive_max_pool.register_autograd(_max_grad, setup_context=_max_setup)
+adaptive_max_pool_backward.register_autograd(_max_backward_grad, setup_context=_max_backward_setup)
