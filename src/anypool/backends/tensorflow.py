@@ -27,6 +27,14 @@ from .._args import PoolSpec
 
 name = "tensorflow"
 
+try:  # anypool is plain graph-building Python: AutoGraph has nothing to convert (and warns trying)
+    from tensorflow.python.autograph.core import config as _autograph_config
+
+    _autograph_config.CONVERSION_RULES = (_autograph_config.DoNotConvert("anypool"),
+                                          *_autograph_config.CONVERSION_RULES)
+except (ImportError, AttributeError):  # a private API: without it only the warning returns
+    pass
+
 
 def is_array(x) -> bool:
     return isinstance(x, (tf.Tensor, tf.Variable))
