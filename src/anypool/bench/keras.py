@@ -8,6 +8,7 @@ every case (a ``reduce_sum`` over a buffer of the input's size).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -54,28 +55,23 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
 
     rows = []
     for case in [c for c in cases if c.rank == 2]:
-        layout = "channels_last" if case.channels_last else "channels_first"
         n, c, h, w = case.shape
         shape = (n, h, w, c) if case.channels_last else case.shape
         x = tf.cast(tf.random.normal(shape, seed=0), case.dtype)
-        buffer = tf.random.normal(shape, seed=1)
-        bandwidth_fn = tf.function(lambda: tf.reduce_sum(buffer))
+        bandwidth_fn = tf.function(functools.partial(tf.reduce_sum, tf.random.normal(shape, seed=1)))
         for op in ("avg", "max"):
-            ours = (lambda t: anypool.adaptive_avg_pool2d(t, case.output_size, data_format=layout)) if op == "avg" \
-                else (lambda t: anypool.adaptive_max_pool2d(t, case.output_size, data_format=layout))
-            layer = (keras.layers.AdaptiveAveragePooling2D if op == "avg" else keras.layers.AdaptiveMaxPooling2D)(
-                case.output_size, data_format=layout)
-            out_shape = ours(x).shape
+            contenders = _contenders(keras, anypool, case, op)
+            out_shape = contenders["anypool"](x).shape
             grad = tf.cast(tf.random.normal(out_shape, seed=2), case.dtype)
             out_bytes = case.nbytes * out_shape.num_elements() // x.shape.num_elements()
             for mode in ("fwd", "fwd+bwd"):
                 say(f"keras {op} {mode} {case.label()}")
                 times = {}
-                for label, fn in (("anypool", ours), (BASELINE, layer)):
-                    step = _step(tf, fn, mode, grad)
+                for label, fn in contenders.items():
+                    step = functools.partial(_step(tf, fn, mode, grad), x)
                     try:
-                        step(x)
-                        times[label] = median_ms(lambda: step(x), repeats=repeats)
+                        step()
+                        times[label] = median_ms(step, repeats=repeats)
                     except Exception as e:  # the baseline may refuse a case; anypool must not
                         if label == "anypool":
                             raise
@@ -86,6 +82,14 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
                 rows.append(Row("keras", case.label(), op, mode, times["anypool"], {BASELINE: times[BASELINE]},
                                 bytes_moved=moved, bandwidth_gbs=4 * x.shape.num_elements() / (bw_ms * 1e6)))
     return rows
+
+
+def _contenders(keras, anypool, case, op: str) -> dict:
+    layout = "channels_last" if case.channels_last else "channels_first"
+    ours = anypool.adaptive_avg_pool2d if op == "avg" else anypool.adaptive_max_pool2d
+    native = keras.layers.AdaptiveAveragePooling2D if op == "avg" else keras.layers.AdaptiveMaxPooling2D
+    return {"anypool": functools.partial(ours, output_size=case.output_size, data_format=layout),
+            BASELINE: native(case.output_size, data_format=layout)}
 
 
 def _step(tf, fn, mode: str, grad):

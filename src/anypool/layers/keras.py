@@ -58,27 +58,36 @@ class _AdaptivePooling(keras.layers.Layer):
         return {**super().get_config(), "output_size": list(self.output_size), "data_format": self.data_format}
 
 
-def _layer(name: str, rank: int, reduce: str, doc: str):
+def _layer(rank: int, reduce: str):
+    name = f"Adaptive{'Average' if reduce == 'avg' else 'Max'}Pooling{rank}D"
+    spatial = ("L",) if rank == 1 else ("D", "H", "W")[3 - rank:]
+    doc = (f"Adaptive {'average' if reduce == 'avg' else 'max'} pooling over {rank} spatial axes: "
+           f"``(N, {', '.join(spatial)}, C)`` → ``(N, *output_size, C)`` (channels_last) or "
+           f"``(N, C, {', '.join(spatial)})`` → ``(N, C, *output_size)`` (channels_first)."
+           + (" NaN propagates." if reduce == "max" else " float16/bfloat16 accumulate in float32."))
     cls = type(name, (_AdaptivePooling,), {"rank": rank, "reduce": reduce, "__doc__": doc, "__module__": __name__})
     return keras.saving.register_keras_serializable(package="anypool", name=name)(cls)
 
 
-AdaptiveAveragePooling1D = _layer("AdaptiveAveragePooling1D", 1, "avg",
-                                  "Adaptive average pooling over 1 spatial axis: ``(N, L, C)`` → ``(N, O, C)``.")
-AdaptiveAveragePooling2D = _layer("AdaptiveAveragePooling2D", 2, "avg",
-                                  "Adaptive average pooling over 2 spatial axes: ``(N, H, W, C)`` → ``(N, *output_size, C)``.")
-AdaptiveAveragePooling3D = _layer("AdaptiveAveragePooling3D", 3, "avg",
-                                  "Adaptive average pooling over 3 spatial axes: ``(N, D, H, W, C)`` → ``(N, *output_size, C)``.")
-AdaptiveMaxPooling1D = _layer("AdaptiveMaxPooling1D", 1, "max",
-                              "Adaptive max pooling over 1 spatial axis (NaN propagates): ``(N, L, C)`` → ``(N, O, C)``.")
-AdaptiveMaxPooling2D = _layer("AdaptiveMaxPooling2D", 2, "max",
-                              "Adaptive max pooling over 2 spatial axes (NaN propagates).")
-AdaptiveMaxPooling3D = _layer("AdaptiveMaxPooling3D", 3, "max",
-                              "Adaptive max pooling over 3 spatial axes (NaN propagates).")
+AdaptiveAveragePooling1D = _layer(1, "avg")
+AdaptiveAveragePooling2D = _layer(2, "avg")
+AdaptiveAveragePooling3D = _layer(3, "avg")
+AdaptiveMaxPooling1D = _layer(1, "max")
+AdaptiveMaxPooling2D = _layer(2, "max")
+AdaptiveMaxPooling3D = _layer(3, "max")
 
 LAYERS = {("avg", 1): AdaptiveAveragePooling1D, ("avg", 2): AdaptiveAveragePooling2D,
           ("avg", 3): AdaptiveAveragePooling3D, ("max", 1): AdaptiveMaxPooling1D,
           ("max", 2): AdaptiveMaxPooling2D, ("max", 3): AdaptiveMaxPooling3D}
+
+
+def _has_float64() -> bool:
+    """JAX computes float64 only with ``jax_enable_x64`` (otherwise it silently uses float32)."""
+    if keras.backend.backend() != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
 
 
 def harness_columns():
@@ -91,7 +100,8 @@ def harness_columns():
         return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32" if case.dtype == "bfloat16" else case.dtype))
 
     def supports(case, op):  # layers take a batch and return no indices
-        return op != "argmax" and case.spec.batched and 1 <= case.rank <= 3
+        return op != "argmax" and case.spec.batched and 1 <= case.rank <= 3 and \
+            (case.dtype != "float64" or _has_float64())
 
     return [Column(f"keras[{keras.backend.backend()}] layers", run, supports)]
 
