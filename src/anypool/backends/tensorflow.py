@@ -145,9 +145,10 @@ def _avg_general(x, spec: PoolSpec):
     return tf.cast(out, x.dtype)
 
 
-def _avg_axes(acc, spec: PoolSpec, exact: bool):
+def _avg_axes(acc, spec: PoolSpec, exact: bool, last_first: bool = False):
     used_matrix = False
-    for k in _order(spec):
+    # last_first: the last axis of a channels_first tensor is contiguous, one plain GEMM
+    for k in reversed(range(spec.rank)) if last_first else _order(spec):
         axis, out = spec.spatial_axes[k], spec.output_size[k]
         dims = _dims(acc)
         length = dims[axis]
@@ -271,9 +272,22 @@ def _max_general(x, spec: PoolSpec, return_indices: bool = False):
 def avg_pool(x, spec: PoolSpec):
     """Mean over each window: ``(…, L, …) → (…, O, …)`` per spatial axis."""
     x = tf.convert_to_tensor(x)
-    if _static(spec):
-        return _pooled(x, spec, "avg")
-    return _avg_general(x, spec)
+    if not _static(spec):
+        return _avg_general(x, spec)
+    if not spec.channels_last and not _nchw_pool(spec, tf.float32) and max(spec.output_size) <= _MATRIX_MAX_OUT:
+        # channels_first, uneven windows, small outputs: GEMMs with the averaging matrices beat
+        # moving the channels last; a non-finite result means inf/NaN met a 0 weight -> exact route
+        def fast(t):
+            acc = t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
+            return tf.cast(_avg_axes(acc, spec, exact=False, last_first=True)[0], t.dtype)
+
+        return _switched(x, fast, lambda t: _pooled(t, spec, "avg"),
+                         lambda y: tf.logical_not(tf.reduce_all(tf.math.is_finite(y))), check_grad=True)
+    return _pooled(x, spec, "avg")
+
+
+# Above this output length per axis the averaging-matrix GEMMs cost more than gather + pool.
+_MATRIX_MAX_OUT = 16
 
 
 def max_pool(x, spec: PoolSpec, return_indices: bool = False):
@@ -282,21 +296,20 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     x = tf.convert_to_tensor(x)
     if return_indices or not _static(spec) or not x.dtype.is_floating:
         return _max_general(x, spec, return_indices)
-    return _max_routed(x, spec)
+    # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
+    # inf - inf: a false alarm that merely takes the exact route), one cheap read.
+    has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
+    return _switched(x, lambda t: _pooled(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan)
 
 
-def _max_routed(x, spec: PoolSpec):
-    """Fast max with an exact NaN fallback, under one custom gradient.
+def _switched(x, fast, exact, use_exact, check_grad: bool = False):
+    """``exact(x)`` where ``use_exact(fast(x))`` holds, else ``fast(x)``; gradients likewise.
 
-    TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so
-    does ``inf - inf``: a false alarm that merely takes the exact route), one cheap
-    read.  The ``tf.cond`` sits inside ``tf.custom_gradient`` because a
-    differentiated ``cond`` keeps the untaken branch's intermediates alive (as
-    zeros) — here each branch recomputes its own gradient instead.
+    The ``tf.cond`` sits inside ``tf.custom_gradient`` because a differentiated
+    ``cond`` keeps the untaken branch's intermediates alive (as zeros); here each
+    branch differentiates itself.  ``check_grad``: a non-finite output gradient
+    also takes the exact route (the matrix transpose would spread it).
     """
-    def has_nan():
-        return tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
-
     def branch_grad(fn, g):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -304,13 +317,19 @@ def _max_routed(x, spec: PoolSpec):
         return tape.gradient(y, x, output_gradients=g)
 
     @tf.custom_gradient
-    def routed(x):
-        def grad(g):
-            return tf.cond(has_nan(), lambda: branch_grad(lambda t: _max_general(t, spec), g),
-                           lambda: branch_grad(lambda t: _pooled(t, spec, "max"), g))
-        return tf.cond(has_nan(), lambda: _max_general(x, spec), lambda: _pooled(x, spec, "max")), grad
+    def switched(x):
+        y_fast = fast(x)
+        exact_route = use_exact(y_fast)
 
-    return routed(x)
+        def grad(g):
+            route = exact_route
+            if check_grad:
+                route = tf.logical_or(route, tf.logical_not(tf.reduce_all(tf.math.is_finite(g))))
+            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast, g))
+
+        return tf.cond(exact_route, lambda: exact(x), lambda: y_fast), grad
+
+    return switched(x)
 
 
 # ---------------------------------------------------------------- fast path: TensorFlow's pooling kernels
@@ -320,7 +339,7 @@ def _static(spec: PoolSpec) -> bool:
     return all(isinstance(s, int) for s in spec.input_size) and all(o is not None and o >= 1 for o in spec.output_size)
 
 
-def _pooled(x, spec: PoolSpec, op: str):
+def _pooled(x, spec: PoolSpec, op: str, nchw: bool = True):
     """Static sizes: TensorFlow's (oneDNN) pooling kernels on a channels-last view.
 
     All axes divisible: one ``avg_pool``/``max_pool`` with kernel = stride = ``L/O``.
@@ -334,11 +353,13 @@ def _pooled(x, spec: PoolSpec, op: str):
     dtype = x.dtype
     t = x if op == "max" or dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
     rank = spec.rank
+    pool = tf.nn.avg_pool if op == "avg" else tf.nn.max_pool
+    if nchw and _nchw_pool(spec, t.dtype):  # oneDNN pools NCHW in place: no transposes
+        return _pooled_nchw(x, t, spec, op, pool)
     if not spec.batched:
         t = t[None]
     if not spec.channels_last:
         t = tf.transpose(t, [0, *range(2, rank + 2), 1])
-    pool = tf.nn.avg_pool if op == "avg" else tf.nn.max_pool
     sizes, outs = list(spec.input_size), spec.output_size
     if rank <= 2 and all(_bins.fixed_pool(L, o) for L, o in zip(sizes, outs)):
         kernel = [L // o for L, o in zip(sizes, outs)]
@@ -361,6 +382,43 @@ def _pooled(x, spec: PoolSpec, op: str):
     if not spec.batched:
         t = t[0]
     return tf.cast(t, dtype)
+
+
+def _pooled_nchw(x, t, spec: PoolSpec, op: str, pool):
+    """The NCHW pool; its gradient is the channels-last route's (oneDNN has no eager NCHW pool gradient)."""
+    kernel = [L // o for L, o in zip(spec.input_size, spec.output_size)]
+
+    @tf.custom_gradient
+    def pooled(_):
+        def grad(g):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = _pooled(x, spec, op, nchw=False)
+            return tape.gradient(y, x, output_gradients=g)
+
+        return tf.cast(pool(t, kernel, kernel, "VALID", data_format="NCHW"), x.dtype), grad
+
+    return pooled(x)
+
+
+def _nchw_pool(spec: PoolSpec, dtype: tf.DType) -> bool:
+    """A batched channels_first 2-D job with even windows, and a TensorFlow whose CPU pools take NCHW
+    (oneDNN's; float32 and bfloat16 only)."""
+    return (not spec.channels_last and spec.batched and spec.rank == 2 and _ONEDNN
+            and dtype in (tf.float32, tf.bfloat16)
+            and all(_bins.fixed_pool(L, o) for L, o in zip(spec.input_size, spec.output_size)))
+
+
+def _onednn() -> bool:
+    try:  # TensorFlow's own CPU pools are NHWC only; its oneDNN ones also take NCHW
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+_ONEDNN = _onednn()
 
 
 def _pool_axis(v, length: int, out: int, op: str, pool):
