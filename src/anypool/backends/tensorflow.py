@@ -274,6 +274,17 @@ def avg_pool(x, spec: PoolSpec):
     x = tf.convert_to_tensor(x)
     if not _static(spec):
         return _avg_general(x, spec)
+    plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
+    if plane * out_plane <= _KRON_MAX and not all(_bins.fixed_pool(L, o) for L, o in zip(spec.input_size,
+                                                                                       spec.output_size)):
+        # small planes (e.g. 5x5 -> 7x7): one product of the whole plane with the Kronecker
+        # product of the axes' averaging matrices, instead of a handful of small ops per axis
+        def kron(t):
+            acc = t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
+            return tf.cast(_avg_kron(acc, spec), t.dtype)
+
+        return _switched(x, kron, lambda t: _pooled(t, spec, "avg"),
+                         lambda y: tf.logical_not(tf.reduce_all(tf.math.is_finite(y))), check_grad=True)
     if not spec.channels_last and not _nchw_pool(spec, tf.float32) and max(spec.output_size) <= _MATRIX_MAX_OUT:
         # channels_first, uneven windows, small outputs: GEMMs with the averaging matrices beat
         # moving the channels last; a non-finite result means inf/NaN met a 0 weight -> exact route
@@ -284,6 +295,27 @@ def avg_pool(x, spec: PoolSpec):
         return _switched(x, fast, lambda t: _pooled(t, spec, "avg"),
                          lambda y: tf.logical_not(tf.reduce_all(tf.math.is_finite(y))), check_grad=True)
     return _pooled(x, spec, "avg")
+
+
+# Planes with (input plane) x (output plane) up to this size average by one Kronecker matrix.
+_KRON_MAX = 2048
+
+
+def _avg_kron(acc, spec: PoolSpec):
+    """``(…, H·W…, …) @ kron(A_h, A_w, …)ᵀ`` over the flattened spatial plane."""
+    matrix = np.ones((1, 1))
+    for length, out in zip(spec.input_size, spec.output_size):
+        matrix = np.kron(matrix, _bins.averaging_matrix(length, out))
+    matrix = tf.constant(matrix.astype(acc.dtype.as_numpy_dtype))  # (O-plane, L-plane)
+    dims = _dims(acc)
+    first, last = spec.spatial_axes[0], spec.spatial_axes[-1]
+    before, after = _prod(dims[:first]), _prod(dims[last + 1:])
+    plane = math.prod(spec.input_size)
+    if isinstance(after, int) and after == 1:
+        out = tf.matmul(tf.reshape(acc, [before, plane]), matrix, transpose_b=True)
+    else:
+        out = tf.einsum("pq,bqr->bpr", matrix, tf.reshape(acc, [before, plane, after]))
+    return tf.reshape(out, dims[:first] + list(spec.output_size) + dims[last + 1:])
 
 
 # Above this output length per axis the averaging-matrix GEMMs cost more than gather + pool.
@@ -299,16 +331,39 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
     # inf - inf: a false alarm that merely takes the exact route), one cheap read.
     has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
-    return _switched(x, lambda t: _pooled(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan)
+    plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
+    fast = _max_small if plane * out_plane <= _KRON_MAX and spec.batched else _pooled
+    # the gradient of either fast route is the same routing; the pooled one differentiates faster
+    return _switched(x, lambda t: fast(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan,
+                     fast_grad=lambda t: _pooled(t, spec, "max"))
 
 
-def _switched(x, fast, exact, use_exact, check_grad: bool = False):
+def _max_small(x, spec: PoolSpec, op: str = "max"):
+    """Small planes: gather every product window over the flattened plane at once, ``(B, O-plane, K, R)``.
+
+    The product of the axes' row-major, repeat-padded index lists lists positions in
+    non-decreasing row-major order, so the first max along ``K`` is PyTorch's argmax.
+    """
+    index = np.zeros((1, 1), np.int64)
+    for length, out in zip(spec.input_size, spec.output_size):
+        window = _bins.window_index(length, out)  # (O, K)
+        index = (index[:, None, :, None] * length + window[None, :, None, :]).reshape(
+            index.shape[0] * out, index.shape[1] * window.shape[1])
+    dims = _dims(x)
+    first, last = spec.spatial_axes[0], spec.spatial_axes[-1]
+    before, after = _prod(dims[:first]), _prod(dims[last + 1:])
+    t = tf.gather(tf.reshape(x, [before, math.prod(spec.input_size), after]), index, axis=1)
+    return tf.reshape(_routed_max(t), dims[:first] + list(spec.output_size) + dims[last + 1:])
+
+
+def _switched(x, fast, exact, use_exact, check_grad: bool = False, fast_grad=None):
     """``exact(x)`` where ``use_exact(fast(x))`` holds, else ``fast(x)``; gradients likewise.
 
     The ``tf.cond`` sits inside ``tf.custom_gradient`` because a differentiated
     ``cond`` keeps the untaken branch's intermediates alive (as zeros); here each
     branch differentiates itself.  ``check_grad``: a non-finite output gradient
-    also takes the exact route (the matrix transpose would spread it).
+    also takes the exact route (the matrix transpose would spread it).  ``fast_grad``:
+    another fast function with the same gradient, cheaper to differentiate.
     """
     def branch_grad(fn, g):
         with tf.GradientTape() as tape:
@@ -325,7 +380,7 @@ def _switched(x, fast, exact, use_exact, check_grad: bool = False):
             route = exact_route
             if check_grad:
                 route = tf.logical_or(route, tf.logical_not(tf.reduce_all(tf.math.is_finite(g))))
-            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast, g))
+            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast_grad or fast, g))
 
         return tf.cond(exact_route, lambda: exact(x), lambda: y_fast), grad
 

@@ -79,7 +79,7 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
                         times[label] = None
                 bw_ms = median_ms(bandwidth_fn, repeats=repeats)
                 moved = (case.nbytes + out_bytes) * (2 if mode == "fwd+bwd" else 1)
-                rows.append(Row("keras", case.label(), op, mode, times["anypool"], {BASELINE: times[BASELINE]},
+                rows.append(Row("keras", case.label(), op, mode, times["anypool"], {BASELINE: times.get(BASELINE)},
                                 bytes_moved=moved, bandwidth_gbs=4 * x.shape.num_elements() / (bw_ms * 1e6)))
     return rows
 
@@ -87,9 +87,11 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
 def _contenders(keras, anypool, case, op: str) -> dict:
     layout = "channels_last" if case.channels_last else "channels_first"
     ours = anypool.adaptive_avg_pool2d if op == "avg" else anypool.adaptive_max_pool2d
-    native = keras.layers.AdaptiveAveragePooling2D if op == "avg" else keras.layers.AdaptiveMaxPooling2D
-    return {"anypool": functools.partial(ours, output_size=case.output_size, data_format=layout),
-            BASELINE: native(case.output_size, data_format=layout)}
+    native = getattr(keras.layers, "AdaptiveAveragePooling2D" if op == "avg" else "AdaptiveMaxPooling2D", None)
+    contenders = {"anypool": functools.partial(ours, output_size=case.output_size, data_format=layout)}
+    if native is not None:  # Keras < 3.11 has no adaptive pooling
+        contenders[BASELINE] = native(case.output_size, data_format=layout)
+    return contenders
 
 
 def _step(tf, fn, mode: str, grad):
