@@ -1,18 +1,22 @@
 """The TensorFlow backend: eager, ``tf.function`` and SavedModel, static or unknown spatial sizes.
 
-Pooling is separable, so each spatial axis is pooled on its own (length ``L`` →
-``O``, windows from :mod:`anypool._bins`):
+Along a spatial axis of length ``L`` pooled to ``O`` (windows from :mod:`anypool._bins`,
+never re-derived here), output ``j`` reduces ``[floor(j·L/O), ceil((j+1)·L/O))``.
+TensorFlow's generic reductions and element-wise ops are slow on CPU for these
+shapes, its (oneDNN) pooling kernels are not, so there are two routes:
 
-* avg, ``L % O == 0``: reshape ``L`` into ``(O, L/O)`` and take the mean;
-* avg otherwise: multiply by the ``(O, L)`` averaging matrix (a GEMM);
-* max: reshape (divisible) or gather the ``(O, K)`` window indices, then reduce
-  over ``K`` — with a custom gradient that routes to the argmax, like PyTorch
-  (TensorFlow's own ``reduce_max`` gradient would split it between ties).
+* fast, static sizes (:func:`_pooled`): ``avg_pool``/``max_pool`` with kernel =
+  stride = ``L/O`` for even windows, otherwise per axis a gather of each window's
+  first ``l`` rows + a pool of ``l`` + the last row of the windows one longer;
+  averaging matrices (GEMMs) for channels_first uneven averages and for small planes;
+* exact, everything else (:func:`_max_general`, :func:`_avg_general`): gathered
+  ``(O, K)`` windows with PyTorch's pick (first max, last NaN) and masked IEEE sums;
+  for unknown sizes the geometry is built in the graph from ``_bins.*_expr``.
 
-When ``L`` is only known at run time (``tf.function`` with ``None`` dims) the
-window starts, ends, averaging matrix and gather indices are built in the graph
-from the same symbolic-safe ``_bins.*_expr`` formulas.  float16/bfloat16 average
-in float32.  Axes whose output size equals the input size are left alone.
+The fast route switches to the exact one at run time when it could be wrong (a NaN
+for max: pooling kernels skip NaN; a non-finite average: ``0·inf`` in a GEMM), under
+one custom gradient.  Max gradients go to PyTorch's argmax.  float16/bfloat16
+average in float32.
 """
 
 from __future__ import annotations
