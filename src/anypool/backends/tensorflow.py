@@ -26,7 +26,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from .. import _bins
+from .. import _args, _bins
 from .._args import PoolSpec
 
 name = "tensorflow"
@@ -336,38 +336,70 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     # inf - inf: a false alarm that merely takes the exact route), one cheap read.
     has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
     plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
-    fast = _max_small if plane * out_plane <= _KRON_MAX and spec.batched else _pooled
-    # the gradient of either fast route is the same routing; the pooled one differentiates faster
-    return _switched(x, lambda t: fast(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan,
-                     fast_grad=lambda t: _pooled(t, spec, "max"))
+    if plane * out_plane <= _KRON_MAX:
+        return _switched(x, lambda t: _max_small(t, spec), lambda t: _max_general(t, spec), lambda y: has_nan,
+                         check_grad=True)
+    return _switched(x, lambda t: _pooled(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan)
 
 
-def _max_small(x, spec: PoolSpec, op: str = "max"):
-    """Small planes: gather every product window over the flattened plane at once, ``(B, O-plane, K, R)``.
+def _max_small(x, spec: PoolSpec):
+    """Small planes, no NaN: every product window gathered at once over the flattened plane.
 
-    The product of the axes' row-major, repeat-padded index lists lists positions in
-    non-decreasing row-major order, so the first max along ``K`` is PyTorch's argmax.
+    ``index`` ``(O-plane, K)`` lists each product window's positions in non-decreasing
+    row-major order (the axes' repeat-padded lists, multiplied out), so the first max
+    along ``K`` is PyTorch's argmax.  The gradient puts ``g`` at that position and
+    adds the copies back with a static 0/1 ``(plane, O-plane·K)`` matrix (a GEMM;
+    ``g`` is finite here — the caller routes a non-finite one to the exact route).
     """
+    if not spec.channels_last:  # gathers of whole channel vectors beat gathers of single numbers
+        lead = int(spec.batched)
+        perm = [*range(lead), *range(lead + 1, len(spec.shape)), lead]
+        moved = tf.transpose(x, perm)
+        cl = _args.pool_spec(moved.shape.as_list(), spec.output_size, spec.rank, "channels_last")
+        return tf.transpose(_max_small(moved, cl), np.argsort(perm))
     index = np.zeros((1, 1), np.int64)
     for length, out in zip(spec.input_size, spec.output_size):
         window = _bins.window_index(length, out)  # (O, K)
         index = (index[:, None, :, None] * length + window[None, :, None, :]).reshape(
             index.shape[0] * out, index.shape[1] * window.shape[1])
+    plane, (out_plane, k) = math.prod(spec.input_size), index.shape
     dims = _dims(x)
     first, last = spec.spatial_axes[0], spec.spatial_axes[-1]
     before, after = _prod(dims[:first]), _prod(dims[last + 1:])
-    t = tf.gather(tf.reshape(x, [before, math.prod(spec.input_size), after]), index, axis=1)
-    return tf.reshape(_routed_max(t), dims[:first] + list(spec.output_size) + dims[last + 1:])
+    scatter = np.zeros((plane, out_plane * k), x.dtype.as_numpy_dtype)
+    scatter[index.reshape(-1), np.arange(out_plane * k)] = 1
+
+    flat = isinstance(after, int) and after == 1  # channels_first: reduce the innermost axis
+
+    @tf.custom_gradient
+    def small(v):  # (B, plane, R) -> (B, O-plane, R), or (B, plane) -> (B, O-plane)
+        t = tf.gather(v, index, axis=1)  # (B, O-plane, K, R) or (B, O-plane, K)
+        y = tf.reduce_max(t, axis=2)
+
+        def grad(g):
+            pos = tf.range(k)[None, None, :] if flat else tf.range(k)[None, None, :, None]
+            g_k = g[:, :, None] if flat else g[:, :, None, :]
+            pick = tf.reduce_min(tf.where(t == (y[:, :, None] if flat else y[:, :, None, :]), pos, k), axis=2,
+                                 keepdims=True)
+            routed = tf.where(pos == pick, g_k, tf.zeros((), g.dtype))
+            if flat:
+                return tf.matmul(tf.reshape(routed, [before, out_plane * k]), scatter, transpose_b=True)
+            return tf.einsum("im,bmr->bir", scatter, tf.reshape(routed, [before, out_plane * k, after]))
+
+        return y, grad
+
+    scatter = tf.constant(scatter)
+    y = small(tf.reshape(x, [before, plane] if flat else [before, plane, after]))
+    return tf.reshape(y, dims[:first] + list(spec.output_size) + dims[last + 1:])
 
 
-def _switched(x, fast, exact, use_exact, check_grad: bool = False, fast_grad=None):
+def _switched(x, fast, exact, use_exact, check_grad: bool = False):
     """``exact(x)`` where ``use_exact(fast(x))`` holds, else ``fast(x)``; gradients likewise.
 
     The ``tf.cond`` sits inside ``tf.custom_gradient`` because a differentiated
     ``cond`` keeps the untaken branch's intermediates alive (as zeros); here each
     branch differentiates itself.  ``check_grad``: a non-finite output gradient
-    also takes the exact route (the matrix transpose would spread it).  ``fast_grad``:
-    another fast function with the same gradient, cheaper to differentiate.
+    also takes the exact route (the matrix transpose would spread it).
     """
     def branch_grad(fn, g):
         with tf.GradientTape() as tape:
@@ -384,7 +416,7 @@ def _switched(x, fast, exact, use_exact, check_grad: bool = False, fast_grad=Non
             route = exact_route
             if check_grad:
                 route = tf.logical_or(route, tf.logical_not(tf.reduce_all(tf.math.is_finite(g))))
-            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast_grad or fast, g))
+            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast, g))
 
         return tf.cond(exact_route, lambda: exact(x), lambda: y_fast), grad
 
