@@ -336,7 +336,8 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     # inf - inf: a false alarm that merely takes the exact route), one cheap read.
     has_nan = tf.math.is_nan(tf.reduce_sum(tf.cast(x, tf.float32) if x.dtype.size < 4 else x))
     plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
-    if plane * out_plane <= _KRON_MAX:
+    even = all(_bins.fixed_pool(L, o) for L, o in zip(spec.input_size, spec.output_size))
+    if plane * out_plane <= _KRON_MAX and not even:
         return _switched(x, lambda t: _max_small(t, spec), lambda t: _max_general(t, spec), lambda y: has_nan,
                          check_grad=True)
     return _switched(x, lambda t: _pooled(t, spec, "max"), lambda t: _max_general(t, spec), lambda y: has_nan)

@@ -23,6 +23,9 @@ import anypool
 
 from .. import _args
 
+if keras.backend.backend() == "tensorflow":  # load it now: it tells AutoGraph to leave anypool alone
+    from ..backends import tensorflow as _tensorflow_backend  # noqa: F401
+
 __all__ = [
     "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
     "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "harness_columns",
