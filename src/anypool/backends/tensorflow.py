@@ -399,8 +399,7 @@ def _switched(x, fast, exact, use_exact, check_grad: bool = False):
 
     The ``tf.cond`` sits inside ``tf.custom_gradient`` because a differentiated
     ``cond`` keeps the untaken branch's intermediates alive (as zeros); here each
-    branch differentiates itself (the fast one from a tape kept from the forward,
-    the rare exact one by recomputing).  ``check_grad``: a non-finite output gradient
+    branch differentiates itself.  ``check_grad``: a non-finite output gradient
     also takes the exact route (the matrix transpose would spread it).
     """
     def branch_grad(fn, g):
@@ -411,17 +410,14 @@ def _switched(x, fast, exact, use_exact, check_grad: bool = False):
 
     @tf.custom_gradient
     def switched(x):
-        with tf.GradientTape() as fast_tape:  # keeps the fast route's forward for its gradient
-            fast_tape.watch(x)
-            y_fast = fast(x)
+        y_fast = fast(x)
         exact_route = use_exact(y_fast)
 
         def grad(g):
             route = exact_route
             if check_grad:
                 route = tf.logical_or(route, tf.logical_not(tf.reduce_all(tf.math.is_finite(g))))
-            return tf.cond(route, lambda: branch_grad(exact, g),
-                           lambda: fast_tape.gradient(y_fast, x, output_gradients=g))
+            return tf.cond(route, lambda: branch_grad(exact, g), lambda: branch_grad(fast, g))
 
         return tf.cond(exact_route, lambda: exact(x), lambda: y_fast), grad
 
