@@ -83,7 +83,7 @@ def max_pool(x: np.ndarray, spec: PoolSpec, return_indices: bool = False):
         window = _bins.window_index(length, out)  # (O, K)
         gathered = np.take(values, window, axis=axis)  # axis -> (O, K)
         if not return_indices:
-            values = gathered.max(axis=axis + 1) if out else np.take(values, window[:, 0], axis=axis)
+            values = gathered.max(axis=axis + 1) if out else np.take(values, np.zeros(0, np.int64), axis=axis)
             continue
         pick = _pick(gathered, axis + 1)
         values = np.take_along_axis(gathered, pick, axis=axis + 1).squeeze(axis + 1)

@@ -1,0 +1,308 @@
+"""The JAX backend: exact PyTorch windows, jit/grad/vmap/sharding-safe, written for XLA.
+
+Every spatial axis is pooled separately (a window is a product of per-axis
+windows).  Along one axis of length ``L`` pooled to ``O`` (windows from
+:mod:`anypool._bins`):
+
+- ``O == L``: nothing to do; ``L % O == 0``: a reshape to ``(O, L // O)`` and a
+  reduction (``O == 1`` is the global pool);
+- otherwise every window has length ``k`` or ``k + 1`` (``k`` the shortest), so
+  the window reductions come from a *doubling table* — sliding reductions of
+  width 1, 2, 4, ... built by ``log2(k)`` elementwise steps on shifted slices —
+  read at the ``O`` window starts.  Max takes two overlapping power-of-two
+  blocks, sum the binary decomposition of ``k`` plus the ``k+1``-th element where
+  a window is long.  Only slices, elementwise ops and small gathers: XLA fuses
+  them into one pass, and NaN/inf behave exactly (no ``0 * inf``).
+
+Gradients are custom VJPs: average pooling is linear, so its backward is ``Aᵀ g``
+with the averaging matrix ``A`` per axis (a broadcast on divisible axes); max
+pooling routes each output gradient to its argmax (PyTorch's first maximum /
+last NaN) with one scatter-add into the flat spatial plane.
+
+Indices are flat offsets into the spatial plane, int64 when ``jax_enable_x64`` is
+on and int32 otherwise (JAX has no int64 then; int32 is exact for planes below
+2**31 elements).  float16/bfloat16 average in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .. import _bins
+from .._args import PoolSpec
+
+name = "jax"
+
+
+def is_array(x) -> bool:
+    return isinstance(x, jax.Array)  # tracers under jit/grad/vmap are jax.Arrays too
+
+
+def shape(x) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def dtype_name(x) -> str:
+    return jnp.dtype(x.dtype).name
+
+
+def is_floating(x) -> bool:
+    return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> jax.Array:
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("from_numpy(dtype): got 'float64'; expected jax_enable_x64 to be on (JAX would "
+                         "silently compute in float32)")
+    return jnp.asarray(a, dtype=jnp.bfloat16 if dtype == "bfloat16" else dtype)
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def squeeze(x, axes):
+    return jnp.squeeze(x, axis=tuple(axes))
+
+
+def index_dtype():
+    """int64 when ``jax_enable_x64`` is on, else int32 (the widest integer JAX then has)."""
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _acc_dtype(dtype):
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def _axes(spec: PoolSpec):
+    return list(zip(spec.spatial_axes, spec.input_size, spec.output_size))
+
+
+def _slice(x, start: int, stop: int, axis: int):
+    return lax.slice_in_dim(x, start, stop, axis=axis)
+
+
+def _take(x, index: np.ndarray, axis: int):
+    return jnp.take(x, jnp.asarray(index), axis=axis, mode="clip", indices_are_sorted=True)
+
+
+def _along(v: np.ndarray, axis: int, ndim: int, dtype) -> jax.Array:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return jnp.asarray(v.reshape(shape), dtype=dtype)
+
+
+def _blocks(x, axis: int, length: int, k: int):
+    """``(x.shape[axis] - k + 1, ...)``: the sliding sums of width ``k`` along ``axis``.
+
+    Built from doubling sums (width 1, 2, 4, ...) over the binary digits of ``k``.
+    """
+    total, offset, table, width = None, 0, x, 1
+    while True:
+        if k & width:
+            part = _slice(table, offset, offset + length - k + 1, axis)
+            total = part if total is None else total + part
+            offset += width
+        if width * 2 > k:
+            return total
+        n = table.shape[axis]
+        table = _slice(table, 0, n - width, axis) + _slice(table, width, n, axis)
+        width *= 2
+
+
+# ---------------------------------------------------------------- average
+
+
+def _avg_axis(x, axis: int, length: int, out: int):
+    if out == length:
+        return x
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        k = fixed[0]
+        return jnp.mean(x.reshape(x.shape[:axis] + (out, k) + x.shape[axis + 1:]), axis=axis + 1)
+    b = _bins.axis_bins(length, out)
+    k = int(b.lengths.min())
+    sums = _take(_blocks(x, axis, length, k), b.starts, axis)
+    long = b.lengths > k
+    if long.any():  # the (k+1)-th element of the long windows; where, not a product, keeps inf/NaN exact
+        extra = _take(x, np.minimum(b.starts + k, length - 1), axis)
+        sums = sums + jnp.where(_along(long, axis, x.ndim, bool), extra, 0)
+    return sums / _along(b.lengths, axis, x.ndim, x.dtype)
+
+
+def _avg_axis_grad(g, axis: int, length: int, out: int):
+    """``Aᵀ g`` along ``axis``: each input receives the mean's share of every window covering it."""
+    if out == length:
+        return g
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        k = fixed[0]
+        g = jnp.broadcast_to(jnp.expand_dims(g / k, axis + 1), g.shape[:axis + 1] + (k,) + g.shape[axis + 1:])
+        return g.reshape(g.shape[:axis] + (length,) + g.shape[axis + 2:])
+    a = jnp.asarray(_bins.averaging_matrix(length, out, jnp.dtype(g.dtype).name))  # (O, L)
+    return jnp.moveaxis(jnp.tensordot(g, a, axes=([axis], [0]), precision=lax.Precision.HIGHEST), -1, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg(x, spec: PoolSpec):
+    acc = x.astype(_acc_dtype(x.dtype))
+    for axis, length, out in _axes(spec):
+        acc = _avg_axis(acc, axis, length, out)
+    return acc.astype(x.dtype)
+
+
+def _avg_fwd(x, spec):
+    return _avg(x, spec), jnp.zeros((), x.dtype)  # the backward needs only the dtype
+
+
+def _avg_bwd(spec, dtype_carrier, g):
+    g = g.astype(_acc_dtype(g.dtype))
+    for axis, length, out in reversed(_axes(spec)):
+        g = _avg_axis_grad(g, axis, length, out)
+    return (g.astype(dtype_carrier.dtype),)
+
+
+_avg.defvjp(_avg_fwd, _avg_bwd)
+
+
+def avg_pool(x, spec: PoolSpec):
+    """Mean over each window: ``(…S…) → (…output_size…)`` in ``x``'s dtype (f16/bf16 accumulate in f32)."""
+    if 0 in spec.output_size:
+        return jnp.zeros(spec.output_shape, x.dtype)
+    return _avg(x, spec)
+
+
+# ---------------------------------------------------------------- max
+
+
+def _cover_width(b: _bins.AxisBins) -> int:
+    """The largest power of two ``w <= k`` (shortest window): blocks ``[s, s+w)`` and ``[e-w, e)``
+    then cover every window (``2w > k`` and lengths are ``k`` or ``k + 1``)."""
+    return 1 << (int(b.lengths.min()).bit_length() - 1)
+
+
+def _max_axis(x, axis: int, length: int, out: int):
+    if out == length:
+        return x
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        return jnp.max(x.reshape(x.shape[:axis] + (out, fixed[0]) + x.shape[axis + 1:]), axis=axis + 1)
+    b = _bins.axis_bins(length, out)
+    width = _cover_width(b)
+    table, step = x, 1
+    while step < width:  # sliding maxima of width 1, 2, 4, ... up to ``width``
+        n = table.shape[axis]
+        table = jnp.maximum(_slice(table, 0, n - step, axis), _slice(table, step, n, axis))
+        step *= 2
+    return jnp.maximum(_take(table, b.starts, axis), _take(table, b.ends - width, axis))
+
+
+def _better(va, ia, vb, ib):
+    """PyTorch's rule for two candidates where ``b``'s window ends after ``a``'s: take ``b`` if
+    ``vb > va`` or ``vb`` is NaN (so ties keep the first maximum, NaN the last NaN)."""
+    take_b = vb > va
+    if jnp.issubdtype(vb.dtype, jnp.inexact):
+        take_b = take_b | jnp.isnan(vb)
+    return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
+
+
+def _argmax_axis(x, idx, axis: int, length: int, out: int):
+    """Values and flat indices of the PyTorch-rule maximum of each window along ``axis``."""
+    if out == length:
+        return x, idx
+    b = _bins.axis_bins(length, out)
+    width = _cover_width(b)
+    v, i, step = x, idx, 1
+    while step < width:
+        n = v.shape[axis]
+        v, i = _better(_slice(v, 0, n - step, axis), _slice(i, 0, n - step, axis),
+                       _slice(v, step, n, axis), _slice(i, step, n, axis))
+        step *= 2
+    return _better(_take(v, b.starts, axis), _take(i, b.starts, axis),
+                   _take(v, b.ends - width, axis), _take(i, b.ends - width, axis))
+
+
+def _max_with_indices(x, spec: PoolSpec):
+    # Last spatial axis first: a later window along an earlier axis then only holds later
+    # row-major positions, so the pairwise rule picks the row-major first max / last NaN.
+    idx = _plane(spec, x.shape)
+    v = x
+    for axis, length, out in reversed(_axes(spec)):
+        v, idx = _argmax_axis(v, idx, axis, length, out)
+    return v, idx
+
+
+def _plane(spec: PoolSpec, full_shape) -> jax.Array:
+    """Flat spatial offset of every element, broadcast to ``full_shape``."""
+    dtype = index_dtype()
+    flat = jnp.zeros((), dtype)
+    for n, axis in enumerate(spec.spatial_axes):
+        stride = math.prod(spec.input_size[n + 1:])
+        flat = flat + lax.broadcasted_iota(dtype, full_shape, axis) * stride
+    return jnp.broadcast_to(flat, full_shape)
+
+
+def _max_grad(g, idx, spec: PoolSpec):
+    """Scatter-add each output gradient to its argmax (PyTorch's routing)."""
+    spatial = set(spec.spatial_axes)
+    other = [a for a in range(len(spec.shape)) if a not in spatial]
+    lead = tuple(spec.shape[a] for a in other)
+    rows, plane = math.prod(lead), math.prod(spec.input_size)
+    g2 = jnp.moveaxis(g, other, range(len(other))).reshape(rows, -1)
+    i2 = jnp.moveaxis(idx, other, range(len(other))).reshape(rows, -1)
+    r = lax.broadcasted_iota(i2.dtype, i2.shape, 0)
+    gx = jnp.zeros((rows, plane), _acc_dtype(g.dtype)).at[r, i2].add(g2, mode="promise_in_bounds")
+    gx = gx.astype(g.dtype).reshape(lead + tuple(spec.input_size))
+    return jnp.moveaxis(gx, range(len(other)), other)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max(x, spec: PoolSpec):
+    for axis, length, out in _axes(spec):
+        x = _max_axis(x, axis, length, out)
+    return x
+
+
+def _max_fwd(x, spec):
+    v, idx = _max_with_indices(x, spec)
+    return v, idx
+
+
+def _max_bwd(spec, idx, g):
+    return (_max_grad(g, idx, spec),)
+
+
+_max.defvjp(_max_fwd, _max_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_indexed(x, spec: PoolSpec):
+    return _max_with_indices(x, spec)
+
+
+def _max_indexed_fwd(x, spec):
+    v, idx = _max_with_indices(x, spec)
+    return (v, idx), idx
+
+
+def _max_indexed_bwd(spec, idx, cotangents):
+    return (_max_grad(cotangents[0], idx, spec),)
+
+
+_max_indexed.defvjp(_max_indexed_fwd, _max_indexed_bwd)
+
+
+def max_pool(x, spec: PoolSpec, return_indices: bool = False):
+    """Max over each window; with ``return_indices`` also the flat spatial offsets (see module doc)."""
+    if 0 in spec.output_size:
+        values = jnp.zeros(spec.output_shape, x.dtype)
+        return (values, jnp.zeros(spec.output_shape, index_dtype())) if return_indices else values
+    if return_indices:
+        return _max_indexed(x, spec)
+    return _max(x, spec)
