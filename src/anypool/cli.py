@@ -172,8 +172,11 @@ def _bench(args) -> int:
     from . import bench
 
     frameworks = args.framework or bench.FRAMEWORKS
-    rows = bench.run(frameworks, device=args.device, repeats=args.repeats,
-                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if len(frameworks) > 1:
+        rows = bench.run_isolated(frameworks, device=args.device, repeats=args.repeats)
+    else:
+        rows = bench.run(frameworks, device=args.device, repeats=args.repeats,
+                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bench.table(rows))
     if args.json:
         bench.write_json(rows, args.json)

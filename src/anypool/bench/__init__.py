@@ -131,6 +131,32 @@ def run(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20, cases=Non
     return rows
 
 
+def run_isolated(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20) -> list[Row]:
+    """:func:`run`, one fresh process per framework.
+
+    Keras reads its backend once per process (the JAX suite loads it on JAX, the Keras
+    suite needs TensorFlow), and TensorFlow must not load its LLVM before Triton's.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in frameworks:
+            path = os.path.join(tmp, f"{name}.json")
+            subprocess.run([sys.executable, "-m", "anypool.cli", "bench", "--framework", name, "--device", device,
+                            "--repeats", str(repeats), "--json", path], stdout=subprocess.DEVNULL, check=True)
+            rows.extend(read_json(path))
+    return rows
+
+
+def read_json(path: str) -> list[Row]:
+    with open(path) as f:
+        payload = json.load(f)
+    return [Row(**{k: v for k, v in row.items() if k != "fraction_of_bandwidth"}) for row in payload["rows"]]
+
+
 def table(rows: list[Row]) -> str:
     baselines = sorted({b for r in rows for b in r.baselines_ms})
     head = f"{'framework':<9} {'case':<38} {'op':<4} {'mode':<8} {'anypool ms':>10} " + " ".join(
