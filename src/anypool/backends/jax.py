@@ -56,6 +56,11 @@ def is_floating(x) -> bool:
     return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
 
+def supports_dtype(dtype: str) -> bool:
+    """Whether ``from_numpy`` can make this dtype now (float64 needs ``jax_enable_x64``)."""
+    return dtype != "float64" or bool(jax.config.jax_enable_x64)
+
+
 def from_numpy(a: np.ndarray, dtype: str) -> jax.Array:
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("from_numpy(dtype): got 'float64'; expected jax_enable_x64 to be on (JAX would "
@@ -249,16 +254,26 @@ def _plane(spec: PoolSpec, full_shape) -> jax.Array:
 
 
 def _max_grad(g, idx, spec: PoolSpec):
-    """Scatter-add each output gradient to its argmax (PyTorch's routing)."""
+    """Scatter-add each output gradient to its argmax (PyTorch's routing).
+
+    The scatter is written for one spatial plane and vmapped over the batch and
+    channel axes, so they stay batch dimensions of the scatter: a batch-sharded
+    input needs no collective.
+    """
     spatial = set(spec.spatial_axes)
     other = [a for a in range(len(spec.shape)) if a not in spatial]
     lead = tuple(spec.shape[a] for a in other)
-    rows, plane = math.prod(lead), math.prod(spec.input_size)
-    g2 = jnp.moveaxis(g, other, range(len(other))).reshape(rows, -1)
-    i2 = jnp.moveaxis(idx, other, range(len(other))).reshape(rows, -1)
-    r = lax.broadcasted_iota(i2.dtype, i2.shape, 0)
-    gx = jnp.zeros((rows, plane), _acc_dtype(g.dtype)).at[r, i2].add(g2, mode="promise_in_bounds")
-    gx = gx.astype(g.dtype).reshape(lead + tuple(spec.input_size))
+    plane = math.prod(spec.input_size)
+    acc = _acc_dtype(g.dtype)
+    g2 = jnp.moveaxis(g, other, range(len(other))).astype(acc).reshape(lead + (-1,))
+    i2 = jnp.moveaxis(idx, other, range(len(other))).reshape(lead + (-1,))
+
+    def scatter(i, v):
+        return jnp.zeros((plane,), acc).at[i].add(v, mode="promise_in_bounds")
+
+    for _ in lead:
+        scatter = jax.vmap(scatter)
+    gx = scatter(i2, g2).astype(g.dtype).reshape(lead + tuple(spec.input_size))
     return jnp.moveaxis(gx, range(len(other)), other)
 
 

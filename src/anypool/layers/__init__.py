@@ -1,0 +1,1 @@
+"""Framework layers: ``anypool.layers.torch`` (torch.nn), ``anypool.layers.keras``, ``anypool.layers.flax``."""
