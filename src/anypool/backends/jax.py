@@ -217,10 +217,32 @@ def _better(va, ia, vb, ib):
     return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
 
 
+def _first_max(v, i, axis: int, k: int):
+    """PyTorch's choice along ``axis`` (length ``k``) of ``v``, and the matching entries of ``i``.
+
+    The maximum of the non-NaN values first (a plain reduction), then its position: the
+    first element equal to it, or the last NaN when the window holds one.  Plain min/max reductions of int positions
+    vectorise on XLA:CPU where a variadic (value, index) reduction does not.
+    """
+    floating = jnp.issubdtype(v.dtype, jnp.inexact)
+    pos = lax.broadcasted_iota(jnp.int32, v.shape, axis)
+    top = jnp.max(jnp.where(jnp.isnan(v), -jnp.inf, v) if floating else v, axis=axis, keepdims=True)
+    pick = jnp.min(jnp.where(v == top, pos, k), axis=axis, keepdims=True)
+    if floating:  # NaN decided explicitly, not by how a fused max treats it
+        last_nan = jnp.max(jnp.where(jnp.isnan(v), pos, -1), axis=axis, keepdims=True)
+        pick = jnp.where(last_nan >= 0, last_nan, pick)
+    return (jnp.take_along_axis(v, pick, axis=axis).squeeze(axis),
+            jnp.take_along_axis(i, pick, axis=axis).squeeze(axis))
+
+
 def _argmax_axis(x, idx, axis: int, length: int, out: int):
     """Values and flat indices of the PyTorch-rule maximum of each window along ``axis``."""
     if out == length:
         return x, idx
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        shape = x.shape[:axis] + (out, fixed[0]) + x.shape[axis + 1:]
+        return _first_max(x.reshape(shape), idx.reshape(shape), axis + 1, fixed[0])
     b = _bins.axis_bins(length, out)
     width = _cover_width(b)
     v, i, step = x, idx, 1
@@ -253,7 +275,27 @@ def _plane(spec: PoolSpec, full_shape) -> jax.Array:
     return jnp.broadcast_to(flat, full_shape)
 
 
+def _repeat(v, axis: int, k: int):
+    """Each entry along ``axis`` repeated ``k`` times (a broadcast, no gather)."""
+    v = jnp.broadcast_to(jnp.expand_dims(v, axis + 1), v.shape[:axis + 1] + (k,) + v.shape[axis + 1:])
+    return v.reshape(v.shape[:axis] + (v.shape[axis] * k,) + v.shape[axis + 2:])
+
+
+def _max_grad_divisible(g, idx, spec: PoolSpec):
+    """When every axis divides, each input lies in exactly one window: the gradient is ``g`` of
+    that window where the input is its argmax, else 0 — elementwise, no scatter."""
+    for axis, length, out in _axes(spec):
+        g, idx = _repeat(g, axis, length // out), _repeat(idx, axis, length // out)
+    return jnp.where(idx == _plane(spec, idx.shape), g, jnp.zeros((), g.dtype))
+
+
 def _max_grad(g, idx, spec: PoolSpec):
+    if all(_bins.fixed_pool(length, out) for _, length, out in _axes(spec)):
+        return _max_grad_divisible(g, idx, spec)
+    return _max_grad_scatter(g, idx, spec)
+
+
+def _max_grad_scatter(g, idx, spec: PoolSpec):
     """Scatter-add each output gradient to its argmax (PyTorch's routing).
 
     The scatter is written for one spatial plane and vmapped over the batch and

@@ -155,8 +155,9 @@ def _case_rows(case, largest, jax, anypool, keras, torch, rng, repeats, say) -> 
             for label, steps in contenders.items():
                 step = steps[mode]
                 call = step if label == TORCH else functools.partial(_jax_call, jax, step, x)
-                try:
-                    times[label] = _time(call, repeats, warmup=2 if label == "anypool" else 1)
+                try:  # Keras' JAX ops take up to seconds per call: fewer runs keep the suite within minutes
+                    times[label] = _time(call, min(repeats, 3) if label == KERAS else repeats,
+                                         warmup=2 if label == "anypool" else 1)
                 except Exception as e:  # a baseline may refuse a case; anypool must not
                     if label == "anypool":
                         raise
