@@ -17,7 +17,10 @@ windows).  Along one axis of length ``L`` pooled to ``O`` (windows from
 Gradients are custom VJPs: average pooling is linear, so its backward is ``Aᵀ g``
 with the averaging matrix ``A`` per axis (a broadcast on divisible axes); max
 pooling routes each output gradient to its argmax (PyTorch's first maximum /
-last NaN) with one scatter-add into the flat spatial plane.
+last NaN): elementwise when every axis divides (each input then lies in one
+window), else one scatter-add per spatial plane.  The indexed forward uses plain
+reductions on divisible axes and the doubling table on (value, index) pairs
+elsewhere.
 
 Indices are flat offsets into the spatial plane, int64 when ``jax_enable_x64`` is
 on and int32 otherwise (JAX has no int64 then; int32 is exact for planes below
@@ -147,9 +150,7 @@ def _avg_axis_grad(g, axis: int, length: int, out: int):
         return g
     fixed = _bins.fixed_pool(length, out)
     if fixed:
-        k = fixed[0]
-        g = jnp.broadcast_to(jnp.expand_dims(g / k, axis + 1), g.shape[:axis + 1] + (k,) + g.shape[axis + 1:])
-        return g.reshape(g.shape[:axis] + (length,) + g.shape[axis + 2:])
+        return _repeat(g / fixed[0], axis, fixed[0])
     a = jnp.asarray(_bins.averaging_matrix(length, out, jnp.dtype(g.dtype).name))  # (O, L)
     return jnp.moveaxis(jnp.tensordot(g, a, axes=([axis], [0]), precision=lax.Precision.HIGHEST), -1, axis)
 

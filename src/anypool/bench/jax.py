@@ -57,11 +57,14 @@ def _jax_steps(fn, g):
     fwd = jax.jit(fn)
 
     @jax.jit
-    def fwd_bwd(x):
+    def fwd_bwd_of(x, g):
         y, vjp = jax.vjp(fn, x)
-        return y, vjp(jnp.asarray(g, y.dtype))[0]
+        return y, vjp(g.astype(y.dtype))[0]
 
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    # g is an argument, not a constant: XLA would otherwise fold a backward that does not
+    # depend on x (average pooling's) at compile time and time nothing
+    g = jnp.asarray(g)
+    return {"fwd": fwd, "fwd+bwd": lambda x: fwd_bwd_of(x, g)}
 
 
 def _torch_steps(torch, case: BenchCase, op: str, x_np: np.ndarray, g_np: np.ndarray):
