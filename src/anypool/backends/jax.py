@@ -17,7 +17,10 @@ windows).  Along one axis of length ``L`` pooled to ``O`` (windows from
 Gradients are custom VJPs: average pooling is linear, so its backward is ``Aᵀ g``
 with the averaging matrix ``A`` per axis (a broadcast on divisible axes); max
 pooling routes each output gradient to its argmax (PyTorch's first maximum /
-last NaN) with one scatter-add into the flat spatial plane.
+last NaN): elementwise when every axis divides (each input then lies in one
+window), else one scatter-add per spatial plane.  The indexed forward uses plain
+reductions on divisible axes and the doubling table on (value, index) pairs
+elsewhere.
 
 Indices are flat offsets into the spatial plane, int64 when ``jax_enable_x64`` is
 on and int32 otherwise (JAX has no int64 then; int32 is exact for planes below
@@ -54,6 +57,11 @@ def dtype_name(x) -> str:
 
 def is_floating(x) -> bool:
     return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def supports_dtype(dtype: str) -> bool:
+    """Whether ``from_numpy`` can make this dtype now (float64 needs ``jax_enable_x64``)."""
+    return dtype != "float64" or bool(jax.config.jax_enable_x64)
 
 
 def from_numpy(a: np.ndarray, dtype: str) -> jax.Array:
@@ -142,9 +150,7 @@ def _avg_axis_grad(g, axis: int, length: int, out: int):
         return g
     fixed = _bins.fixed_pool(length, out)
     if fixed:
-        k = fixed[0]
-        g = jnp.broadcast_to(jnp.expand_dims(g / k, axis + 1), g.shape[:axis + 1] + (k,) + g.shape[axis + 1:])
-        return g.reshape(g.shape[:axis] + (length,) + g.shape[axis + 2:])
+        return _repeat(g / fixed[0], axis, fixed[0])
     a = jnp.asarray(_bins.averaging_matrix(length, out, jnp.dtype(g.dtype).name))  # (O, L)
     return jnp.moveaxis(jnp.tensordot(g, a, axes=([axis], [0]), precision=lax.Precision.HIGHEST), -1, axis)
 
@@ -212,10 +218,32 @@ def _better(va, ia, vb, ib):
     return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
 
 
+def _first_max(v, i, axis: int, k: int):
+    """PyTorch's choice along ``axis`` (length ``k``) of ``v``, and the matching entries of ``i``.
+
+    The maximum of the non-NaN values first (a plain reduction), then its position: the
+    first element equal to it, or the last NaN when the window holds one.  Plain min/max reductions of int positions
+    vectorise on XLA:CPU where a variadic (value, index) reduction does not.
+    """
+    floating = jnp.issubdtype(v.dtype, jnp.inexact)
+    pos = lax.broadcasted_iota(jnp.int32, v.shape, axis)
+    top = jnp.max(jnp.where(jnp.isnan(v), -jnp.inf, v) if floating else v, axis=axis, keepdims=True)
+    pick = jnp.min(jnp.where(v == top, pos, k), axis=axis, keepdims=True)
+    if floating:  # NaN decided explicitly, not by how a fused max treats it
+        last_nan = jnp.max(jnp.where(jnp.isnan(v), pos, -1), axis=axis, keepdims=True)
+        pick = jnp.where(last_nan >= 0, last_nan, pick)
+    return (jnp.take_along_axis(v, pick, axis=axis).squeeze(axis),
+            jnp.take_along_axis(i, pick, axis=axis).squeeze(axis))
+
+
 def _argmax_axis(x, idx, axis: int, length: int, out: int):
     """Values and flat indices of the PyTorch-rule maximum of each window along ``axis``."""
     if out == length:
         return x, idx
+    fixed = _bins.fixed_pool(length, out)
+    if fixed:
+        shape = x.shape[:axis] + (out, fixed[0]) + x.shape[axis + 1:]
+        return _first_max(x.reshape(shape), idx.reshape(shape), axis + 1, fixed[0])
     b = _bins.axis_bins(length, out)
     width = _cover_width(b)
     v, i, step = x, idx, 1
@@ -248,17 +276,47 @@ def _plane(spec: PoolSpec, full_shape) -> jax.Array:
     return jnp.broadcast_to(flat, full_shape)
 
 
+def _repeat(v, axis: int, k: int):
+    """Each entry along ``axis`` repeated ``k`` times (a broadcast, no gather)."""
+    v = jnp.broadcast_to(jnp.expand_dims(v, axis + 1), v.shape[:axis + 1] + (k,) + v.shape[axis + 1:])
+    return v.reshape(v.shape[:axis] + (v.shape[axis] * k,) + v.shape[axis + 2:])
+
+
+def _max_grad_divisible(g, idx, spec: PoolSpec):
+    """When every axis divides, each input lies in exactly one window: the gradient is ``g`` of
+    that window where the input is its argmax, else 0 — elementwise, no scatter."""
+    for axis, length, out in _axes(spec):
+        g, idx = _repeat(g, axis, length // out), _repeat(idx, axis, length // out)
+    return jnp.where(idx == _plane(spec, idx.shape), g, jnp.zeros((), g.dtype))
+
+
 def _max_grad(g, idx, spec: PoolSpec):
-    """Scatter-add each output gradient to its argmax (PyTorch's routing)."""
+    if all(_bins.fixed_pool(length, out) for _, length, out in _axes(spec)):
+        return _max_grad_divisible(g, idx, spec)
+    return _max_grad_scatter(g, idx, spec)
+
+
+def _max_grad_scatter(g, idx, spec: PoolSpec):
+    """Scatter-add each output gradient to its argmax (PyTorch's routing).
+
+    The scatter is written for one spatial plane and vmapped over the batch and
+    channel axes, so they stay batch dimensions of the scatter: a batch-sharded
+    input needs no collective.
+    """
     spatial = set(spec.spatial_axes)
     other = [a for a in range(len(spec.shape)) if a not in spatial]
     lead = tuple(spec.shape[a] for a in other)
-    rows, plane = math.prod(lead), math.prod(spec.input_size)
-    g2 = jnp.moveaxis(g, other, range(len(other))).reshape(rows, -1)
-    i2 = jnp.moveaxis(idx, other, range(len(other))).reshape(rows, -1)
-    r = lax.broadcasted_iota(i2.dtype, i2.shape, 0)
-    gx = jnp.zeros((rows, plane), _acc_dtype(g.dtype)).at[r, i2].add(g2, mode="promise_in_bounds")
-    gx = gx.astype(g.dtype).reshape(lead + tuple(spec.input_size))
+    plane = math.prod(spec.input_size)
+    acc = _acc_dtype(g.dtype)
+    g2 = jnp.moveaxis(g, other, range(len(other))).astype(acc).reshape(lead + (-1,))
+    i2 = jnp.moveaxis(idx, other, range(len(other))).reshape(lead + (-1,))
+
+    def scatter(i, v):
+        return jnp.zeros((plane,), acc).at[i].add(v, mode="promise_in_bounds")
+
+    for _ in lead:
+        scatter = jax.vmap(scatter)
+    gx = scatter(i2, g2).astype(g.dtype).reshape(lead + tuple(spec.input_size))
     return jnp.moveaxis(gx, range(len(other)), other)
 
 

@@ -57,11 +57,14 @@ def _jax_steps(fn, g):
     fwd = jax.jit(fn)
 
     @jax.jit
-    def fwd_bwd(x):
+    def fwd_bwd_of(x, g):
         y, vjp = jax.vjp(fn, x)
-        return y, vjp(jnp.asarray(g, y.dtype))[0]
+        return y, vjp(g.astype(y.dtype))[0]
 
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    # g is an argument, not a constant: XLA would otherwise fold a backward that does not
+    # depend on x (average pooling's) at compile time and time nothing
+    g = jnp.asarray(g)
+    return {"fwd": fwd, "fwd+bwd": lambda x: fwd_bwd_of(x, g)}
 
 
 def _torch_steps(torch, case: BenchCase, op: str, x_np: np.ndarray, g_np: np.ndarray):
@@ -155,8 +158,9 @@ def _case_rows(case, largest, jax, anypool, keras, torch, rng, repeats, say) -> 
             for label, steps in contenders.items():
                 step = steps[mode]
                 call = step if label == TORCH else functools.partial(_jax_call, jax, step, x)
-                try:
-                    times[label] = _time(call, repeats, warmup=2 if label == "anypool" else 1)
+                try:  # Keras' JAX ops take up to seconds per call: fewer runs keep the suite within minutes
+                    times[label] = _time(call, min(repeats, 3) if label == KERAS else repeats,
+                                         warmup=2 if label == "anypool" else 1)
                 except Exception as e:  # a baseline may refuse a case; anypool must not
                     if label == "anypool":
                         raise
