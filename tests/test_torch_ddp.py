@@ -13,14 +13,6 @@ from torch import nn  # noqa: E402
 
 STEPS, WORLD, BATCH = 3, 2, 8
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared machine (4x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _model() -> nn.Module:

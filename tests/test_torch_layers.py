@@ -20,14 +20,6 @@ TWINS = [
     (nn.AdaptiveMaxPool3d, layers.AdaptiveMaxPool3d, (2, 3, 5, 7, 6), [2, (3, None, 4), (7, 1, 9)]),
 ]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared machine (4x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _args(native_cls, size):

@@ -15,14 +15,6 @@ from anypool.backends.torch import ops, portable  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLEMENTATIONS = [None, "portable"]  # the device's own path, and the portable one
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared machine (4x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _both(x, size):

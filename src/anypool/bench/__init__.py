@@ -120,6 +120,28 @@ def machine() -> dict:
 FRAMEWORKS = ("torch", "jax", "keras", "onnx")
 
 
+def keras_on(backend: str):
+    """Keras on ``backend`` for a baseline, or ``None`` (missing, or already loaded with another backend)."""
+    import sys
+
+    if "keras" in sys.modules:
+        import keras
+
+        return keras if keras.backend.backend() == backend else None
+    previous = os.environ.get("KERAS_BACKEND")
+    os.environ["KERAS_BACKEND"] = backend  # Keras reads it once, at import
+    try:
+        import keras
+    except ImportError:
+        return None
+    finally:
+        if previous is None:
+            del os.environ["KERAS_BACKEND"]
+        else:
+            os.environ["KERAS_BACKEND"] = previous
+    return keras
+
+
 def run(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20, cases=None, progress=None) -> list[Row]:
     rows = []
     for name in frameworks:

@@ -13,36 +13,16 @@ buffer of the input's size).
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import time
 
 import numpy as np
 
-from . import BenchCase, Row, median_ms
+from . import BenchCase, Row, keras_on, median_ms
 
 KERAS = "keras-jax"
 TORCH = "torch"
 
 
-def _import_keras():
-    """Keras on the JAX backend, or ``None`` when Keras is already loaded with another backend."""
-    if "keras" in sys.modules:
-        import keras
-
-        return keras if keras.backend.backend() == "jax" else None
-    previous = os.environ.get("KERAS_BACKEND")
-    os.environ["KERAS_BACKEND"] = "jax"
-    try:
-        import keras
-    except ImportError:
-        return None
-    finally:
-        if previous is None:
-            del os.environ["KERAS_BACKEND"]
-        else:
-            os.environ["KERAS_BACKEND"] = previous
-    return keras
 
 
 def _layout(case: BenchCase) -> tuple[tuple[int, ...], str]:
@@ -105,7 +85,7 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
         return []
     import anypool
 
-    keras = _import_keras()
+    keras = keras_on("jax")
     if keras is None:
         say("jax: Keras is missing or loaded with a non-JAX backend; the keras-jax column is empty "
             "(run `anypool bench --framework jax` in a fresh process)")

@@ -9,30 +9,12 @@ every case (a ``reduce_sum`` over a buffer of the input's size).
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
-from . import Row, median_ms
+from . import Row, keras_on, median_ms
 
 BASELINE = "keras-tf"
 
 
-def _import_keras():
-    """Keras on the TensorFlow backend, or ``None`` when Keras is already loaded with another one."""
-    if "keras" in sys.modules:
-        import keras
-
-        return keras if keras.backend.backend() == "tensorflow" else None
-    previous = os.environ.get("KERAS_BACKEND")
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-    try:
-        import keras
-    finally:
-        if previous is None:
-            del os.environ["KERAS_BACKEND"]
-        else:
-            os.environ["KERAS_BACKEND"] = previous
-    return keras
 
 
 def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Row]:
@@ -41,7 +23,7 @@ def run(cases, device: str = "cpu", repeats: int = 20, progress=None) -> list[Ro
         say("keras: only the CPU is benchmarked (tensorflow-cpu); skipped")
         return []
     try:
-        keras = _import_keras()
+        keras = keras_on("tensorflow")
     except ImportError:
         say("keras: not installed; skipped")
         return []
