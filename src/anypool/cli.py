@@ -122,10 +122,10 @@ def _demo(args) -> int:
     from matplotlib import cbook
 
     photo = plt.imread(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).astype(np.float32) / 255
-    crop = photo[140:180, 180:220]  # a 40x40 patch around the eyes, for the upsampling case
+    crop = photo[200:240, 190:230]  # a 40x40 detail of the face, for the upsampling case
     jobs = [("photo 600x512 -> 75x64 (divisible)", photo, (75, 64)),
             ("photo 600x512 -> 37x29 (non-divisible)", photo, (37, 29)),
-            ("eyes 40x40 -> 97x97 (upsampling)", crop, (97, 97))]
+            ("detail 40x40 -> 97x97 (upsampling)", crop, (97, 97))]
     columns = _harness.columns()
     print(f"{'job':<40} {'op':<7} " + " ".join(f"{c.name:>22}" for c in columns))
     failed = False
