@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _bins
+from .. import _args, _bins
 from .._args import PoolSpec
 
 name = "jax"
@@ -65,9 +65,8 @@ def supports_dtype(dtype: str) -> bool:
 
 
 def from_numpy(a: np.ndarray, dtype: str) -> jax.Array:
-    if dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("from_numpy(dtype): got 'float64'; expected jax_enable_x64 to be on (JAX would "
-                         "silently compute in float32)")
+    # without x64 JAX would silently compute in float32
+    _args.require_supported(dtype, supports_dtype(dtype), "from_numpy", "jax (float64 needs jax_enable_x64)")
     return jnp.asarray(a, dtype=jnp.bfloat16 if dtype == "bfloat16" else dtype)
 
 
@@ -286,7 +285,8 @@ def _max_grad_divisible(g, idx, spec: PoolSpec):
     """When every axis divides, each input lies in exactly one window: the gradient is ``g`` of
     that window where the input is its argmax, else 0 — elementwise, no scatter."""
     for axis, length, out in _axes(spec):
-        g, idx = _repeat(g, axis, length // out), _repeat(idx, axis, length // out)
+        kernel, _ = _bins.fixed_pool(length, out)
+        g, idx = _repeat(g, axis, kernel), _repeat(idx, axis, kernel)
     return jnp.where(idx == _plane(spec, idx.shape), g, jnp.zeros((), g.dtype))
 
 

@@ -159,9 +159,10 @@ def _avg_axes(acc, spec: PoolSpec, exact: bool, last_first: bool = False):
         if _is_identity(length, out):
             continue
         before, after = _prod(dims[:axis]), _prod(dims[axis + 1:])
-        if isinstance(length, int) and _bins.fixed_pool(length, out):
+        fixed = isinstance(length, int) and _bins.fixed_pool(length, out)
+        if fixed:
             # equal windows: a free reshape and a contiguous mean
-            acc = tf.reduce_mean(tf.reshape(acc, [before, out, length // out, after]), axis=2)
+            acc = tf.reduce_mean(tf.reshape(acc, [before, out, fixed[0], after]), axis=2)
         elif exact:
             starts, ends = _bounds(length, out)
             window = _window_index(length, out)  # (O, K), rows padded with repeats: masked out
@@ -240,7 +241,7 @@ def _max_general(x, spec: PoolSpec, return_indices: bool = False):
         fixed = isinstance(length, int) and _bins.fixed_pool(length, out)
         if fixed:
             window = None
-            t = tf.reshape(values, [before, out, length // out, after])
+            t = tf.reshape(values, [before, out, fixed[0], after])
         else:
             window = _window_index(length, out)
             t = tf.gather(tf.reshape(values, [before, length, after]), window, axis=1)  # (B, O, K, R)
@@ -252,10 +253,10 @@ def _max_general(x, spec: PoolSpec, return_indices: bool = False):
             if m in kept:
                 continue  # does not vary along this axis: unaffected by the pick
             p = tf.reshape(pos, [before, length, after])
-            p = tf.reshape(p, [before, out, length // out, after]) if fixed else tf.gather(p, window, axis=1)
+            p = tf.reshape(p, [before, out, fixed[0], after]) if fixed else tf.gather(p, window, axis=1)
             positions[m] = tf.reshape(_select(p, pick), new_dims)
         if fixed:
-            chosen = tf.range(out, dtype=tf.int64)[None, :, None] * (length // out) + pick[:, :, 0, :]
+            chosen = tf.range(out, dtype=tf.int64)[None, :, None] * fixed[0] + pick[:, :, 0, :]
         else:
             starts, ends = _bounds(length, out)
             chosen = tf.minimum(starts[None, :, None] + pick[:, :, 0, :], ends[None, :, None] - 1)
@@ -454,7 +455,7 @@ def _pooled(x, spec: PoolSpec, op: str, nchw: bool = True):
         t = tf.transpose(t, [0, *range(2, rank + 2), 1])
     sizes, outs = list(spec.input_size), spec.output_size
     if rank <= 2 and all(_bins.fixed_pool(L, o) for L, o in zip(sizes, outs)):
-        kernel = [L // o for L, o in zip(sizes, outs)]
+        kernel = [_bins.fixed_pool(L, o)[0] for L, o in zip(sizes, outs)]
         if any(k > 1 for k in kernel):
             t = pool(t, kernel, kernel, "VALID")
     else:
@@ -478,7 +479,7 @@ def _pooled(x, spec: PoolSpec, op: str, nchw: bool = True):
 
 def _pooled_nchw(x, t, spec: PoolSpec, op: str, pool):
     """The NCHW pool; its gradient is the channels-last route's (oneDNN has no eager NCHW pool gradient)."""
-    kernel = [L // o for L, o in zip(spec.input_size, spec.output_size)]
+    kernel = [_bins.fixed_pool(L, o)[0] for L, o in zip(spec.input_size, spec.output_size)]
 
     @tf.custom_gradient
     def pooled(_):
