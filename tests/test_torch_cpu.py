@@ -1,7 +1,8 @@
-"""The fast CPU path (``anypool.backends.torch.cpu``) called directly, against the NumPy reference.
+"""The fast CPU path (``anypool.backends.torch.cpu``, the C++ kernels) called directly, against the NumPy reference.
 
 Values, indices and gradients on random shapes: non-divisible, upsampling, size-1 axes, channels_last and
-arbitrary strides, float32/float64/bfloat16, NaN/±inf, and windows longer than any vector or unrolled loop.
+arbitrary strides, float32/float64/bfloat16/float16, NaN/±inf, and windows longer than any vector or unrolled
+loop; the C++ window formulas against ``_bins``; the no-compiler fallback; determinism across thread counts.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("numba")
 
-from anypool import _args  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from anypool import _args, _bins  # noqa: E402
 from anypool.backends import numpy as ref  # noqa: E402
 from anypool.backends.torch import cpu, ops, portable  # noqa: E402
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HALF = (torch.bfloat16, torch.float16)
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -49,7 +54,7 @@ def _make(rng, shape, dtype, layout, special=True):
 
 
 def _np(t):
-    return (t.float() if t.dtype == torch.bfloat16 else t).double().numpy()
+    return (t.float() if t.dtype in HALF else t).double().numpy()
 
 
 def _spec(shape, out):
@@ -57,7 +62,7 @@ def _spec(shape, out):
 
 
 def _close(got, want, dtype):
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol, equal_nan=True)
 
 
@@ -151,9 +156,55 @@ def test_backward_is_bitwise_deterministic(layout):
 
 def test_supports():
     x = torch.randn(2, 3, 8, 8)
-    assert cpu.supports(x, [4, 4])
-    assert not cpu.supports(x.half(), [4, 4])  # float16: the portable path
+    assert cpu.supports(x, [4, 4]) and cpu.supports(x.half(), [4, 4]) and cpu.supports(x.bfloat16(), [4, 4])
+    assert not cpu.supports(x.int(), [4, 4])
     assert not cpu.supports(x, [0, 4])  # empty output
     assert not cpu.supports(torch.randn(2, 3, 0, 8), [4, 4])
     assert not cpu.supports(torch.randn(1, 1, 2, 2, 2, 2), [1, 1, 1, 1])  # spatial rank 4
-    assert not cpu.supports(torch.zeros(1).expand(1, 1, 2**16, 2**15), [2, 2])  # 2**31 positions: int32 overflow
+
+
+@pytest.mark.parametrize("L,O", [(1, 1), (7, 3), (3, 7), (10, 10), (224, 7), (7, 224), (600, 37), (1000, 333)])
+def test_cpp_window_formulas_equal_bins(L, O):
+    got = torch.ops.anypool_cpu.bins(L, O).numpy()
+    axis = _bins.axis_bins(L, O)
+    first, last = axis.cover()
+    np.testing.assert_array_equal(got[0, :O], axis.starts)
+    np.testing.assert_array_equal(got[1, :O], axis.ends)
+    np.testing.assert_array_equal(got[2, :L], first)
+    np.testing.assert_array_equal(got[3, :L], last)
+
+
+def test_cpp_window_formulas_do_not_overflow():
+    # j*L overflows int64 here; the header takes the products in 128 bits, _bins in Python ints
+    for L, O in [(2**62 + 3, 2**40 + 7), (2**40 + 7, 2**62 + 3), (2**63 - 1, 3)]:
+        for k in (0, 1, min(L, O) // 3, min(L, O) - 1):
+            want = [_bins.start_expr(k, L, O), _bins.end_expr(k, L, O),
+                    _bins.cover_first_expr(k, L, O), _bins.cover_last_expr(k, L, O)]
+            assert list(torch.ops.anypool_cpu.bin_at(k, L, O)) == want, (k, L, O)
+
+
+_FALLBACK = """
+import warnings, torch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import anypool
+    x = torch.randn(2, 3, 9, 7)
+    a = anypool.adaptive_avg_pool2d(x, (4, 3))
+    m = anypool.adaptive_max_pool2d(x, (4, 3))
+    anypool.adaptive_avg_pool2d(x, 2)
+from anypool.backends.torch import ops
+assert ops.implementation(x, (4, 3)) is ops.portable
+torch.testing.assert_close(a, torch.nn.functional.adaptive_avg_pool2d(x, (4, 3)))
+torch.testing.assert_close(m, torch.nn.functional.adaptive_max_pool2d(x, (4, 3)))
+print("WARNINGS", len(caught))
+for w in caught:
+    print(w.category.__name__, w.message)
+"""
+
+
+def test_no_compiler_falls_back_to_portable_with_one_warning(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "ANYPOOL_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "WARNINGS 1\n" in run.stdout, run.stdout
+    assert "no-such-compiler" in run.stdout and "portable" in run.stdout, run.stdout

@@ -36,7 +36,8 @@ def _pool(x, output_size: OutputSize, rank: int, data_format: str, function: str
           return_indices: bool = False, batched=None):
     """Check the call, pick the backend and run it; returns ``(result, spec)``."""
     backend = _dispatch.backend_for(x, function)
-    spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched)
+    spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched,
+                           cache=not backend.is_tracing())
     if reduce == "avg":
         _args.require_floating(backend.dtype_name(x), backend.is_floating(x), function)
         return backend.avg_pool(x, spec), spec

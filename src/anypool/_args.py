@@ -7,6 +7,7 @@ which axes are spatial, their input sizes and the output sizes.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,7 +133,21 @@ class PoolSpec:
 
 def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
               data_format: str = "channels_first", *, function: str = "adaptive pool",
-              batched: bool | None = None) -> PoolSpec:
+              batched: bool | None = None, cache: bool = True) -> PoolSpec:
+    """Check a call and describe it (see :func:`_pool_spec`); a repeated call is a cache hit.
+
+    ``cache=False`` while a tracer (``torch.compile``) runs: it traces the checks themselves.
+    """
+    sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,)
+    shape = tuple(shape)
+    # only plain ints (and None) are cached: 2.0 and True hash like 2 but must still be rejected
+    if cache and all(type(v) is int or v is None for v in (*sizes, *shape)):
+        key = sizes if isinstance(output_size, (tuple, list)) else output_size
+        return _cached_pool_spec(shape, key, rank, data_format, function, batched)
+    return _pool_spec(shape, output_size, rank, data_format, function, batched)
+
+
+def _pool_spec(shape, output_size, rank, data_format, function, batched) -> PoolSpec:
     """Check a call and describe it.
 
     ``shape`` is the input's shape (entries may be ``None`` when unknown until run
@@ -158,6 +173,9 @@ def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
                     "an empty window has no average or maximum")
     out = normalize_output_size(output_size, input_size, argument=f"{function}(output_size)")
     return PoolSpec(shape, spatial_axes, input_size, out, channels_last, is_batched)
+
+
+_cached_pool_spec = functools.lru_cache(maxsize=512)(_pool_spec)
 
 
 def require_floating(dtype, is_floating: bool, function: str) -> None:

@@ -172,10 +172,11 @@ def _bench(args) -> int:
     from . import bench
 
     frameworks = args.framework or bench.FRAMEWORKS
+    cases = [c for c in bench.SUITE if not args.only or any(s in c.label() for s in args.only)]
     if len(frameworks) > 1:
-        rows = bench.run_isolated(frameworks, device=args.device, repeats=args.repeats)
+        rows = bench.run_isolated(frameworks, device=args.device, repeats=args.repeats, only=args.only)
     else:
-        rows = bench.run(frameworks, device=args.device, repeats=args.repeats,
+        rows = bench.run(frameworks, device=args.device, repeats=args.repeats, cases=cases,
                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bench.table(rows))
     if args.json:
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--framework", action="append", choices=["torch", "jax", "keras", "onnx"],
                    help="benchmark only this framework (repeatable; default: every installed one)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (the median is kept)")
+    p.add_argument("--only", action="append", metavar="TEXT",
+                   help="run only the cases whose label contains TEXT (repeatable), e.g. '2048, 7, 7'")
     p.add_argument("--json", metavar="FILE", help="write the rows and the machine description as JSON")
     p.add_argument("--png", metavar="FILE", help="draw the speed-ups as a bar chart")
     p.set_defaults(func=_bench)

@@ -59,6 +59,11 @@ def is_floating(x) -> bool:
     return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
 
+def is_tracing() -> bool:
+    """Whether a tracer runs that must see the argument checks (none for this backend: shapes are concrete)."""
+    return False
+
+
 def supports_dtype(dtype: str) -> bool:
     """Whether ``from_numpy`` can make this dtype now (float64 needs ``jax_enable_x64``)."""
     return dtype != "float64" or bool(jax.config.jax_enable_x64)

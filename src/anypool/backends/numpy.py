@@ -32,6 +32,11 @@ def is_floating(x) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
+def is_tracing() -> bool:
+    """Whether a tracer runs that must see the argument checks (none for this backend: shapes are concrete)."""
+    return False
+
+
 def from_numpy(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.astype(dtype)
 

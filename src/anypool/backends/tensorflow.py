@@ -56,6 +56,11 @@ def is_floating(x) -> bool:
     return x.dtype.is_floating
 
 
+def is_tracing() -> bool:
+    """Whether a tracer runs that must see the argument checks (none for this backend: shapes are concrete)."""
+    return False
+
+
 def from_numpy(a: np.ndarray, dtype: str) -> tf.Tensor:
     return tf.cast(tf.constant(a), dtype)
 

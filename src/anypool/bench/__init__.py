@@ -10,6 +10,7 @@ never as a lone absolute time.  Each framework has a module here (``torch``,
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,10 @@ def _suite() -> list[BenchCase]:
     cases.append(BenchCase("2d-bf16", (8, 64, 224, 224), (7, 7), dtype="bfloat16"))
     cases += [BenchCase("1d", (64, 256, 1000), (10,)), BenchCase("1d", (64, 256, 1000), (333,))]
     cases += [BenchCase("3d", (4, 64, 16, 56, 56), (4, 7, 7)), BenchCase("3d", (2, 32, 9, 33, 33), (4, 5, 6))]
+    # batch-1 inference: per-call overhead and splitting one sample across threads
+    batch_one = [((1, 2048, 7, 7), (1, 1)), ((1, 512, 14, 14), (7, 7)), ((1, 64, 224, 224), (7, 7))]
+    cases += [BenchCase("2d-b1", s, o) for s, o in batch_one]
+    cases += [BenchCase("2d-b1-cl", s, o, channels_last=True) for s, o in batch_one]
     return cases
 
 
@@ -73,6 +78,7 @@ class Row:
     baselines_ms: dict[str, float | None] = field(default_factory=dict)  # e.g. {"native": .., "compile": ..}
     bytes_moved: int = 0
     bandwidth_gbs: float | None = None  # the machine's read bandwidth, measured beside this case
+    timing: str = "alone"  # "alone" (back to back) or "in-model" (right after a native op)
 
     @property
     def fraction_of_bandwidth(self) -> float | None:
@@ -153,7 +159,7 @@ def run(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20, cases=Non
     return rows
 
 
-def run_isolated(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20) -> list[Row]:
+def run_isolated(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20, only=None) -> list[Row]:
     """:func:`run`, one fresh process per framework.
 
     Keras reads its backend once per process (the JAX suite loads it on JAX, the Keras
@@ -168,7 +174,8 @@ def run_isolated(frameworks=FRAMEWORKS, device: str = "cpu", repeats: int = 20) 
         for name in frameworks:
             path = os.path.join(tmp, f"{name}.json")
             subprocess.run([sys.executable, "-m", "anypool.cli", "bench", "--framework", name, "--device", device,
-                            "--repeats", str(repeats), "--json", path], stdout=subprocess.DEVNULL, check=True)
+                            "--repeats", str(repeats), "--json", path, *(f"--only={s}" for s in only or ())],
+                           stdout=subprocess.DEVNULL, check=True)
             rows.extend(read_json(path))
     return rows
 
@@ -181,17 +188,17 @@ def read_json(path: str) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     baselines = sorted({b for r in rows for b in r.baselines_ms})
-    head = f"{'framework':<9} {'case':<38} {'op':<4} {'mode':<8} {'anypool ms':>10} " + " ".join(
+    head = f"{'framework':<9} {'case':<38} {'op':<4} {'mode':<8} {'timing':<8} {'anypool ms':>10} " + " ".join(
         f"{'x ' + b:>12}" for b in baselines) + f" {'%bw':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = " ".join(f"{(r.speedup(b) or float('nan')):>12.2f}" for b in baselines)
         frac = r.fraction_of_bandwidth
-        lines.append(f"{r.framework:<9} {r.case:<38} {r.op:<4} {r.mode:<8} {r.anypool_ms:>10.3f} {speed} "
+        lines.append(f"{r.framework:<9} {r.case:<38} {r.op:<4} {r.mode:<8} {r.timing:<8} {r.anypool_ms:>10.3f} {speed} "
                      f"{'' if frac is None else f'{100 * frac:5.0f}'}")
     for framework in sorted({r.framework for r in rows}):
-        for mode in ("fwd", "fwd+bwd"):
-            sel = [r for r in rows if r.framework == framework and r.mode == mode]
+        for mode, timing in itertools.product(("fwd", "fwd+bwd"), ("alone", "in-model")):
+            sel = [r for r in rows if r.framework == framework and r.mode == mode and r.timing == timing]
             if not sel:
                 continue
             parts = []
@@ -199,7 +206,7 @@ def table(rows: list[Row]) -> str:
                 speedups = [r.speedup(b) for r in sel if r.speedup(b)]
                 if speedups:
                     parts.append(f"{b}: geomean x{geomean(speedups):.2f}, min x{min(speedups):.2f}")
-            lines.append(f"{framework} {mode}: " + "; ".join(parts))
+            lines.append(f"{framework} {mode} {timing}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -39,6 +39,11 @@ def is_floating(x) -> bool:
     return x.is_floating_point()
 
 
+def is_tracing() -> bool:
+    """Whether torch.compile is tracing: it must trace the argument checks, not a cache lookup."""
+    return torch.compiler.is_compiling()
+
+
 def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype))
 

@@ -32,6 +32,7 @@ input for a forward, ``grad_out`` for a backward — and the pooled spatial size
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import warnings
 from types import ModuleType
@@ -66,8 +67,8 @@ def implementation(x: torch.Tensor, output_size) -> ModuleType:
     """The module that runs this call: the device's fast one if it exists and supports it, else portable."""
     if _forced is not None:
         return portable if _forced == "portable" else importlib.import_module(_forced)
-    name = IMPLEMENTATIONS.get(x.device.type)
-    module = _module(name) if name else None
+    name = IMPLEMENTATIONS.get("cpu" if x.is_cpu else x.device.type)
+    module = _loaded[name] if name in _loaded else _module(name) if name else None
     if module is not None and module.supports(x, list(output_size)):
         return module
     return portable
@@ -94,8 +95,11 @@ def _layout_empty(x: torch.Tensor, spatial, dtype=None) -> torch.Tensor:
 
 def _layout_strides(x: torch.Tensor, spatial) -> tuple[int, ...]:
     """The strides :func:`_layout_empty` gives, without allocating (real, int sizes)."""
-    n, c = x.shape[0], x.shape[1]
-    cl = portable.channels_last(x)
+    return _strides(x.shape[0], x.shape[1], tuple(spatial), portable.channels_last(x))
+
+
+@functools.lru_cache(maxsize=512)
+def _strides(n: int, c: int, spatial: tuple, cl: bool) -> tuple[int, ...]:
     physical = (n, *spatial, c) if cl else (n, c, *spatial)
     strides, step = [], 1
     for size in reversed(physical):
@@ -236,11 +240,11 @@ adaptive_max_pool_backward.register_autograd(_max_backward_grad, setup_context=_
 
 
 def _eager(x: torch.Tensor) -> bool:
+    # (the TorchScript ONNX exporter traces, so jit.is_tracing covers it)
     return (type(x) is torch.Tensor
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export()
-            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 

@@ -1,0 +1,551 @@
+// anypool's CPU kernels: adaptive avg / max pooling, forward and backward, on torch's
+// intra-op pool (at::parallel_for: torch.set_num_threads holds and no second pool runs).
+//
+// Every op takes the logical (N, C, *S) tensor, spatial rank 1-3, and returns results in
+// its memory format.  Both layouts are one buffer of shape (B, D, H, W, K):
+//   * channels_last (channels innermost in memory, any rank): B = N, K = C, no copy;
+//   * anything else: made NCHW-contiguous (a no-op when it is): B = N*C planes, K = 1.
+// Lower ranks have D = 1 (and H = 1); a global pool is one row of prod(S) positions
+// (flat index = row-major offset, as PyTorch's indices).  The pooling is separable: the
+// rows (d, h) of a window are reduced into one row buffer along W*K (contiguous,
+// vectorised), then each window of that row along W.  Work items are output rows
+// (b, a, b') times blocks of kBlock channels, so a batch of one still splits across threads.
+// Half types are read into float (at::opmath_type), accumulated there and rounded once.
+// Backward passes are gathers: each input row is written by one item from the outputs
+// covering it, summed in output order — no atomics, bitwise identical for any thread count.
+// Max: the first maximum in row-major order wins; a window holding NaN reports its last
+// NaN; indices are int64 flat offsets into the spatial plane.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "bins.h"
+
+namespace anypool {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlock = 64;            // channels per work item (channels_last)
+constexpr int64_t kGrainElements = 1 << 15;  // elements touched per task at least: small calls run inline
+
+inline int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_item, 1)); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t max_window(const Axis& a) {
+  int64_t m = 0;
+  for (int64_t j = 0; j < a.O; ++j) m = std::max(m, a.size(j));
+  return m;
+}
+
+// The canonical buffer (B, D, H, W, K) of one side (input or output) and its windows.
+struct Problem {
+  int64_t B = 1, K = 1;
+  Axis d, h, w;  // L = input length, O = output length of each canonical axis
+  int64_t blocks() const { return ceil_div(K, kBlock); }
+  int64_t in_row() const { return w.L * K; }
+  int64_t out_row() const { return w.O * K; }
+};
+
+bool channels_last(const Tensor& x) {
+  return x.dim() >= 3 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();
+}
+
+// x's buffer in the kernels' order: (N, *S, C) for channels_last, (N, C, *S) otherwise.
+Tensor physical(const Tensor& x, bool cl) { return cl ? x.movedim(1, -1).contiguous() : x.contiguous(); }
+
+// (N, C, *spatial) uninitialised, in the memory format the kernels write.
+Tensor layout_empty(const Tensor& x, at::IntArrayRef spatial, bool cl, at::ScalarType dtype) {
+  std::vector<int64_t> shape{x.size(0)};
+  if (!cl) shape.push_back(x.size(1));
+  shape.insert(shape.end(), spatial.begin(), spatial.end());
+  if (cl) shape.push_back(x.size(1));
+  Tensor t = at::empty(shape, x.options().dtype(dtype));
+  return cl ? t.movedim(-1, 1) : t;
+}
+
+Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, bool cl, bool covers) {
+  int64_t L[3] = {1, 1, 1}, O[3] = {1, 1, 1};
+  const bool global = std::all_of(out.begin(), out.end(), [](int64_t o) { return o == 1; });
+  if (global) {
+    for (int64_t s : in) L[2] *= s;
+  } else {
+    const int64_t pad = 3 - static_cast<int64_t>(in.size());
+    for (size_t k = 0; k < in.size(); ++k) {
+      L[pad + k] = in[k];
+      O[pad + k] = out[k];
+    }
+  }
+  Problem p;
+  p.B = cl ? N : N * C;
+  p.K = cl ? C : 1;
+  p.d = Axis(L[0], O[0], covers);
+  p.h = Axis(L[1], O[1], covers);
+  p.w = Axis(L[2], O[2], covers);
+  return p;
+}
+
+// Calls f(n, a, b, kb) for the items lo..hi of the row-major grid (N, A, B, KB): lo is
+// decomposed once and the counters stepped (no divisions per item: items can be tiny).
+template <typename F>
+inline void for_items(int64_t lo, int64_t hi, int64_t A, int64_t Bn, int64_t KB, F&& f) {
+  int64_t kb = lo % KB, r = lo / KB, b = r % Bn, a = r / Bn % A, n = r / (Bn * A);
+  for (int64_t t = lo; t < hi; ++t) {
+    f(n, a, b, kb);
+    if (++kb == KB) {
+      kb = 0;
+      if (++b == Bn) {
+        b = 0;
+        if (++a == A) {
+          a = 0;
+          ++n;
+        }
+      }
+    }
+  }
+}
+
+// The kernels below are templated on NK, the channels per work item when the compiler
+// should know it: 1 (planar: positions contiguous), kBlock (a full channels_last block),
+// or 0 (a channels_last tail, known at run time).  With NK fixed the loops over k vectorise.
+template <typename F>
+inline void with_nk(int64_t nk, F&& f) {
+  if (nk == 1) f(std::integral_constant<int, 1>{});
+  else if (nk == kBlock) f(std::integral_constant<int, static_cast<int>(kBlock)>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
+// A long contiguous sum with independent partial sums, so the compiler vectorises it
+// (a fixed order: the same result for any thread count).
+template <typename acc_t, typename S>
+inline acc_t span_sum(const S* __restrict__ v, int64_t n) {
+  constexpr int kLanes = 16;
+  if (n < kLanes) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(v[i]);
+    return s;
+  }
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(v[i + l]);
+  acc_t s = 0;
+  for (; i < n; ++i) s += static_cast<acc_t>(v[i]);
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// row[i, k] (+)= src[i * K + k] for the n positions of one input row (nk channels each).
+template <int NK, typename acc_t, typename T>
+inline void add_row(const T* __restrict__ src, int64_t K, int64_t n, int64_t nk_, acc_t* __restrict__ row,
+                    bool first) {
+  const int64_t nk = NK ? NK : nk_;
+  if (first) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < nk; ++k) row[i * nk + k] = static_cast<acc_t>(src[i * K + k]);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < nk; ++k) row[i * nk + k] += static_cast<acc_t>(src[i * K + k]);
+  }
+}
+
+// Per column of one input row (flat offset rf): best[i, k] becomes src[i * K + k] where
+// that is greater or NaN, rows[i, k] then rf — with rows visited in flat order, the first
+// maximum and the last NaN.
+template <int NK, typename acc_t, typename T>
+inline void max_into_row(const T* __restrict__ src, int64_t K, int64_t n, int64_t nk_, acc_t* __restrict__ best,
+                         int64_t* __restrict__ rows, int64_t rf, bool first) {
+  const int64_t nk = NK ? NK : nk_;
+  if (first) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < nk; ++k) {
+        best[i * nk + k] = static_cast<acc_t>(src[i * K + k]);
+        rows[i * nk + k] = rf;
+      }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < nk; ++k) {
+      const acc_t v = static_cast<acc_t>(src[i * K + k]);
+      const acc_t b = best[i * nk + k];
+      const bool take = (v > b) | (v != v);
+      best[i * nk + k] = take ? v : b;
+      rows[i * nk + k] = take ? rf : rows[i * nk + k];
+    }
+}
+
+// ---- avg forward --------------------------------------------------------------------------
+
+// One output row: the windows along W of `src` (nk channels per position, position stride
+// `step`), each divided by `rows` * its length.
+template <int NK, typename T, typename acc_t, typename S>
+inline void avg_row(const S* __restrict__ src, int64_t step, int64_t nk_, acc_t rows, const Axis& w,
+                    T* __restrict__ out, int64_t K) {
+  const int64_t nk = NK ? NK : nk_;
+  acc_t acc[kBlock];
+  for (int64_t c = 0; c < w.O; ++c) {
+    const acc_t count = rows * acc_t(w.size(c));
+    if constexpr (NK == 1) {  // planar: one long contiguous span
+      out[c * K] = static_cast<T>(span_sum<acc_t>(src + w.start[c], w.size(c)) / count);
+    } else {
+      const S* s0 = src + w.start[c] * step;
+      for (int64_t k = 0; k < nk; ++k) acc[k] = static_cast<acc_t>(s0[k]);
+      for (int64_t i = w.start[c] + 1; i < w.end[c]; ++i)
+        for (int64_t k = 0; k < nk; ++k) acc[k] += static_cast<acc_t>(src[i * step + k]);
+      for (int64_t k = 0; k < nk; ++k) out[c * K + k] = static_cast<T>(acc[k] / count);
+    }
+  }
+}
+
+template <typename T>
+void avg_forward_kernel(const T* x, T* y, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> row(W.L * std::min(p.K, kBlock));
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t r = (n * D.O + a) * H.O + b;  // output row
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      T* out = y + r * p.out_row() + k0;
+      const int64_t rows = D.size(a) * H.size(b);
+      with_nk(nk, [&](auto NKc) {
+        constexpr int NK = decltype(NKc)::value;
+        if (rows == 1) {  // one input row: its windows straight from the input
+          avg_row<NK>(xn + (D.start[a] * H.L + H.start[b]) * p.in_row(), p.K, nk, acc_t(1), W, out, p.K);
+          return;
+        }
+        bool first = true;
+        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b]; ++h, first = false)
+            add_row<NK>(xn + (d * H.L + h) * p.in_row(), p.K, W.L, nk, row.data(), first);
+        avg_row<NK>(row.data(), nk, nk, acc_t(rows), W, out, p.K);
+      });
+    });
+  });
+}
+
+// ---- avg backward: gin[i] = sum over covering outputs j of g[j] / |window j| ----------
+
+template <typename T>
+void avg_backward_kernel(const T* g, T* gin, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
+  at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> acc_buffer(W.O * std::min(p.K, kBlock));
+    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+      const int64_t k0 = kb * kBlock;
+      with_nk(std::min(p.K - k0, kBlock), [&](auto NKc) {
+        constexpr int NK = decltype(NKc)::value;
+        const int64_t nk = NK ? NK : std::min(p.K - k0, kBlock);
+        acc_t* __restrict__ acc = acc_buffer.data();
+        std::fill(acc, acc + W.O * nk, acc_t(0));
+        for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
+          for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
+            const int64_t rows = D.size(a) * H.size(b);
+            const T* __restrict__ gr = g + ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+            for (int64_t c = 0; c < W.O; ++c) {
+              const acc_t scale = acc_t(1) / acc_t(rows * W.size(c));
+              for (int64_t k = 0; k < nk; ++k) acc[c * nk + k] += static_cast<acc_t>(gr[c * p.K + k]) * scale;
+            }
+          }
+        T* __restrict__ out = gin + r * p.in_row() + k0;
+        for (int64_t i = 0; i < W.L; ++i) {
+          const acc_t* a0 = acc + W.first[i] * nk;
+          if (W.stop[i] - W.first[i] == 1) {
+            for (int64_t k = 0; k < nk; ++k) out[i * p.K + k] = static_cast<T>(a0[k]);
+          } else {
+            for (int64_t k = 0; k < nk; ++k) {
+              acc_t s = a0[k];
+              for (int64_t c = 1; c < W.stop[i] - W.first[i]; ++c) s += a0[c * nk + k];
+              out[i * p.K + k] = static_cast<T>(s);
+            }
+          }
+        }
+      });
+    });
+  });
+}
+
+// ---- max forward --------------------------------------------------------------------------
+
+template <typename V>
+inline bool is_nan(V v) { return v != v; }
+
+// PyTorch's rule as an order-free comparison of (value, flat index): any NaN beats a
+// number and the later NaN wins; else the larger value, then the smaller index.
+// Written with bitwise operators so that loops over it compile to selects.
+template <typename V>
+inline bool better(V v, int64_t f, V bv, int64_t bf) {
+  const bool vn = is_nan(v), bn = is_nan(bv);
+  return (vn & (!bn | (f > bf))) | (!vn & !bn & ((v > bv) | ((v == bv) & (f < bf))));
+}
+
+// One output row: the windows along W of per-column winners `src` (value, nk channels per
+// position, position stride `step`) found at flat offsets row_of(i, k) + i.  When every
+// candidate lies in one input row, flat order is column order and the rule is simply
+// "greater, or NaN" (a later NaN wins, a tie keeps the earlier).
+template <int NK, bool kOneRow, typename T, typename acc_t, typename S, typename RowOf>
+inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64_t nk_, const Axis& w,
+                    T* __restrict__ out, int64_t* __restrict__ idx, int64_t K) {
+  const int64_t nk = NK ? NK : nk_;
+  acc_t bv[kBlock];
+  int64_t bf[kBlock];
+  for (int64_t c = 0; c < w.O; ++c) {
+    const int64_t i0 = w.start[c];
+    for (int64_t k = 0; k < nk; ++k) {
+      bv[k] = static_cast<acc_t>(src[i0 * step + k]);
+      bf[k] = row_of(i0, k) + i0;
+    }
+    for (int64_t i = i0 + 1; i < w.end[c]; ++i)
+      for (int64_t k = 0; k < nk; ++k) {
+        const acc_t v = static_cast<acc_t>(src[i * step + k]);
+        const int64_t f = row_of(i, k) + i;
+        const bool take = kOneRow ? ((v > bv[k]) | is_nan(v)) : better(v, f, bv[k], bf[k]);
+        bv[k] = take ? v : bv[k];
+        bf[k] = take ? f : bf[k];
+      }
+    for (int64_t k = 0; k < nk; ++k) {
+      out[c * K + k] = static_cast<T>(bv[k]);
+      idx[c * K + k] = bf[k];
+    }
+  }
+}
+
+// One step of the narrow planar max: position start[c] + u (clamped to last[c]) of every
+// window c of one input row (flat offset rf), taken where greater or NaN.
+template <typename acc_t, typename T>
+inline void narrow_step(const T* __restrict__ xr, const int64_t* __restrict__ start, const int64_t* __restrict__ last,
+                        int64_t O, int64_t u, int64_t rf, bool first, acc_t* __restrict__ bv,
+                        int64_t* __restrict__ bf) {
+  for (int64_t c = 0; c < O; ++c) {
+    const int64_t i = std::min(start[c] + u, last[c]);
+    const acc_t v = static_cast<acc_t>(xr[i]);
+    const acc_t b = bv[c];
+    const bool take = first | (v > b) | (v != v);
+    bv[c] = take ? v : b;
+    bf[c] = take ? rf + i : bf[c];
+  }
+}
+
+template <typename T>
+void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    const int64_t width = W.L * std::min(p.K, kBlock);
+    const int64_t wmax = max_window(W);
+    const bool narrow = p.K == 1 && wmax <= 16;
+    std::vector<int64_t> last;
+    if (narrow)
+      for (int64_t c = 0; c < W.O; ++c) last.push_back(W.end[c] - 1);
+    std::vector<acc_t> best_buffer(std::max(width, W.O));
+    std::vector<int64_t> rows_buffer(std::max(width, W.O));  // flat offset of the row holding best[.]
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t r = (n * D.O + a) * H.O + b;  // output row
+      const int64_t k0 = kb * kBlock;
+      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      T* out = y + r * p.out_row() + k0;
+      int64_t* idx = yi + r * p.out_row() + k0;
+      const int64_t r0 = (D.start[a] * H.L + H.start[b]) * W.L;  // flat offset of the window's first row
+      const T* x0 = xn + r0 / W.L * p.in_row();
+      with_nk(std::min(p.K - k0, kBlock), [&](auto NKc) {
+        constexpr int NK = decltype(NKc)::value;
+        const int64_t nk = NK ? NK : std::min(p.K - k0, kBlock);
+        if (D.size(a) * H.size(b) == 1) {
+          max_row<NK, true, T, acc_t>(x0, p.K, [r0](int64_t, int64_t) { return r0; }, nk, W, out, idx, p.K);
+          return;
+        }
+        if constexpr (NK == 1) {
+          if (narrow) {  // planar, short windows along W: all windows of the row at once, in flat order
+            // (position start + u, clamped to the window: revisiting its last element changes nothing)
+            acc_t* __restrict__ bv = best_buffer.data();
+            int64_t* __restrict__ bf = rows_buffer.data();
+            const int64_t* __restrict__ ws = W.start.data();
+            const int64_t* __restrict__ wl = last.data();
+            bool first = true;
+            for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+              for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+                const int64_t rf = (d * H.L + h) * W.L;
+                const T* __restrict__ xr = xn + rf;
+                for (int64_t u = 0; u < wmax; ++u, first = false)
+                  narrow_step(xr, ws, wl, W.O, u, rf, first, bv, bf);
+              }
+            for (int64_t c = 0; c < W.O; ++c) {
+              out[c] = static_cast<T>(bv[c]);
+              idx[c] = bf[c];
+            }
+            return;
+          }
+        }
+        // down the window's rows, per column: the first max, or the last NaN (rows in flat order)
+        acc_t* best = best_buffer.data();
+        int64_t* rows = rows_buffer.data();
+        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+            const int64_t rf = (d * H.L + h) * W.L;
+            max_into_row<NK>(xn + (d * H.L + h) * p.in_row(), p.K, W.L, nk, best, rows, rf, rf == r0);
+          }
+        max_row<NK, false, T, acc_t>(best, nk, [rows, nk](int64_t i, int64_t k) { return rows[i * nk + k]; }, nk, W,
+                                     out, idx, p.K);
+      });
+    });
+  });
+}
+
+// ---- max backward: each input sums the g of the covering outputs whose argmax it is ----
+
+template <typename T>
+void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
+  at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> acc_buffer(W.L * std::min(p.K, kBlock));
+    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const int64_t first = (d * H.L + h) * W.L;  // flat offset of this input row
+      acc_t* __restrict__ acc = acc_buffer.data();
+      std::fill(acc, acc + W.L * nk, acc_t(0));
+      for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
+        for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
+          const int64_t o = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+          for (int64_t c = 0; c < W.O; ++c)
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t f = gi[o + c * p.K + k] - first;
+              if (f >= 0 && f < W.L) acc[f * nk + k] += static_cast<acc_t>(g[o + c * p.K + k]);
+            }
+        }
+      T* __restrict__ out = gin + r * p.in_row() + k0;
+      with_nk(nk, [&](auto NKc) {
+        constexpr int NK = decltype(NKc)::value;
+        const int64_t n_k = NK ? NK : nk;
+        for (int64_t i = 0; i < W.L; ++i)
+          for (int64_t k = 0; k < n_k; ++k) out[i * p.K + k] = static_cast<T>(acc[i * n_k + k]);
+      });
+    });
+  });
+}
+
+// ---- the ops ------------------------------------------------------------------------------
+
+void check(const Tensor& x, at::IntArrayRef sizes, const char* what) {
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5, "anypool_cpu: expected (N, C, *S) with 1-3 spatial axes, got ", x.sizes());
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == x.dim() - 2, "anypool_cpu: ", what, " has ", sizes.size(),
+              " entries for ", x.dim() - 2, " spatial axes");
+  for (int64_t s : sizes) TORCH_CHECK(s > 0, "anypool_cpu: ", what, " must be positive, got ", sizes);
+  for (int64_t s : x.sizes()) TORCH_CHECK(s > 0, "anypool_cpu: empty input ", x.sizes());
+}
+
+#define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+Tensor avg_forward(const Tensor& x, at::IntArrayRef output_size) {
+  check(x, output_size, "output_size");
+  const bool cl = channels_last(x);
+  const Tensor xp = physical(x, cl);
+  Tensor out = layout_empty(x, output_size, cl, x.scalar_type());
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  ANYPOOL_DISPATCH(x.scalar_type(), "avg_forward", [&] {
+    avg_forward_kernel(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p);
+  });
+  return out;
+}
+
+Tensor avg_backward(const Tensor& grad_out, at::IntArrayRef input_size) {
+  check(grad_out, input_size, "input_size");
+  const bool cl = channels_last(grad_out);
+  const Tensor gp = physical(grad_out, cl);
+  Tensor gin = layout_empty(grad_out, input_size, cl, grad_out.scalar_type());
+  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true);
+  ANYPOOL_DISPATCH(grad_out.scalar_type(), "avg_backward", [&] {
+    avg_backward_kernel(gp.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), p);
+  });
+  return gin;
+}
+
+std::tuple<Tensor, Tensor> max_forward(const Tensor& x, at::IntArrayRef output_size) {
+  check(x, output_size, "output_size");
+  const bool cl = channels_last(x);
+  const Tensor xp = physical(x, cl);
+  Tensor out = layout_empty(x, output_size, cl, x.scalar_type());
+  Tensor idx = layout_empty(x, output_size, cl, at::kLong);
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  ANYPOOL_DISPATCH(x.scalar_type(), "max_forward", [&] {
+    max_forward_kernel(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                       idx.mutable_data_ptr<int64_t>(), p);
+  });
+  return {out, idx};
+}
+
+Tensor max_backward(const Tensor& grad_out, const Tensor& indices, at::IntArrayRef input_size) {
+  check(grad_out, input_size, "input_size");
+  TORCH_CHECK(indices.sizes() == grad_out.sizes() && indices.scalar_type() == at::kLong,
+              "anypool_cpu: indices must be int64 of grad_out's shape");
+  const bool cl = channels_last(grad_out);
+  const Tensor gp = physical(grad_out, cl);
+  const Tensor ip = physical(indices, cl);  // read in g's order (a copy only if the layouts differ)
+  Tensor gin = layout_empty(grad_out, input_size, cl, grad_out.scalar_type());
+  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true);
+  ANYPOOL_DISPATCH(grad_out.scalar_type(), "max_backward", [&] {
+    max_backward_kernel(gp.const_data_ptr<scalar_t>(), ip.const_data_ptr<int64_t>(),
+                        gin.mutable_data_ptr<scalar_t>(), p);
+  });
+  return gin;
+}
+
+// bins.h's tables for one axis, stacked (start, end, cover first, cover last) and padded
+// with -1 to max(L, O): what the test compares with _bins.
+Tensor bins(int64_t L, int64_t O) {
+  const Axis ax(L, O, true);
+  const int64_t n = std::max(L, O);
+  Tensor t = at::full({4, n}, -1, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = t.mutable_data_ptr<int64_t>();
+  for (int64_t j = 0; j < O; ++j) {
+    p[j] = ax.start[j];
+    p[n + j] = ax.end[j];
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    p[2 * n + i] = ax.first[i];
+    p[3 * n + i] = ax.stop[i] - 1;
+  }
+  return t;
+}
+
+// Single values of bins.h for axes too long to tabulate.
+std::vector<int64_t> bin_at(int64_t k, int64_t L, int64_t O) {
+  return {bin_start(k, L, O), bin_end(k, L, O), cover_first(k, L, O), cover_last(k, L, O)};
+}
+
+}  // namespace
+}  // namespace anypool
+
+TORCH_LIBRARY(anypool_cpu, m) {
+  m.def("avg_forward(Tensor x, int[] output_size) -> Tensor");
+  m.def("avg_backward(Tensor grad_out, int[] input_size) -> Tensor");
+  m.def("max_forward(Tensor x, int[] output_size) -> (Tensor, Tensor)");
+  m.def("max_backward(Tensor grad_out, Tensor indices, int[] input_size) -> Tensor");
+  m.def("bins(int L, int O) -> Tensor", &anypool::bins);
+  m.def("bin_at(int k, int L, int O) -> int[]", &anypool::bin_at);
+}
+
+TORCH_LIBRARY_IMPL(anypool_cpu, CPU, m) {
+  m.impl("avg_forward", &anypool::avg_forward);
+  m.impl("avg_backward", &anypool::avg_backward);
+  m.impl("max_forward", &anypool::max_forward);
+  m.impl("max_backward", &anypool::max_backward);
+}
