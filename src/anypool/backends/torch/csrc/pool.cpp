@@ -348,7 +348,7 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
     const int64_t width = W.L * std::min(p.K, kBlock);
     const int64_t wmax = max_window(W);
-    const bool narrow = p.K == 1 && wmax <= 16;
+    const bool narrow = p.K == 1 && wmax <= 4;
     std::vector<int64_t> last;
     if (narrow)
       for (int64_t c = 0; c < W.O; ++c) last.push_back(W.end[c] - 1);
