@@ -16,6 +16,8 @@ $(VENV)/.%-installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -e ".[$*]"
+	# compile the torch C++ CPU kernels now (about 30 s, cached on disk) rather than on first use
+	$(PY) -c "from anypool.backends.torch import cpu" || echo "anypool: C++ kernels not built; torch uses the portable path"
 	touch $@
 
 demo: $(VENV)/.demo-installed
