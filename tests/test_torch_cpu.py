@@ -16,7 +16,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from anypool import _args, _bins  # noqa: E402
+from anypool import _args, _bins, _harness  # noqa: E402
 from anypool.backends import numpy as ref  # noqa: E402
 from anypool.backends.torch import cpu, ops, portable  # noqa: E402
 
@@ -61,9 +61,10 @@ def _spec(shape, out):
     return _args.pool_spec(shape, out, len(shape) - 2, batched=True)
 
 
-def _close(got, want, dtype):
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol, equal_nan=True)
+def _rounded(got, want: _harness.Accumulated, dtype):
+    """Accumulated in float32 (float64 for float64), rounded once to ``dtype``: see ``_harness.Accumulated``."""
+    problem = want.problem(_np(got), str(dtype).removeprefix("torch."))
+    assert problem is None, problem
 
 
 def _layout_ok(t, like, spatial):
@@ -75,13 +76,14 @@ def _layout_ok(t, like, spatial):
 def _check(x, out, dtype, rng):
     shape = tuple(x.shape)
     spec = _spec(shape, out)
+    case = _harness.Case(shape, out, "channels_first", str(dtype).removeprefix("torch."), "normal", 0)
     xn = _np(x)  # bf16-exact values in float64: the reference sees exactly what the kernel sees
     assert cpu.supports(x, out)
 
     avg = cpu.avg_forward(x, out)
     assert avg.dtype == dtype and tuple(avg.shape) == spec.output_shape
     assert _layout_ok(avg, x, out)  # output memory format follows the input
-    _close(avg, ref.avg_pool(xn, spec), dtype)
+    _rounded(avg, _harness.expected(case, xn, "avg"), dtype)
 
     values, indices = cpu.max_forward(x, out)
     want_values, want_indices = ref.max_pool(xn, spec, return_indices=True)
@@ -93,10 +95,11 @@ def _check(x, out, dtype, rng):
     if portable.channels_last(x):
         g = g.movedim(1, -1).contiguous().movedim(-1, 1)
     gn = _np(g)
-    for grad, want in [(cpu.avg_backward(g, shape[2:]), ref.avg_pool_grad(gn, spec)),
-                       (cpu.max_backward(g, indices, shape[2:]), ref.max_pool_grad(gn, want_indices, spec))]:
+    for grad, want in [(cpu.avg_backward(g, shape[2:]), _harness.expected_gradient(case, "avg", gn)),
+                       (cpu.max_backward(g, indices, shape[2:]),
+                        _harness.expected_gradient(case, "max", gn, want_indices))]:
         assert grad.dtype == dtype and _layout_ok(grad, g, shape[2:])
-        _close(grad, want, dtype)
+        _rounded(grad, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -22,10 +22,80 @@ from .backends import numpy as reference
 
 OPS = ("avg", "max", "argmax")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-# Unit roundoff of each dtype.  Max values and indices must be exact; an average may
-# differ from the correctly rounded mean by the final rounding to its dtype plus the
-# summation error of its accumulator (float32, or float64 for float64 inputs).
+# Unit roundoff of each dtype, and the dtype each one accumulates in (half types in float32).
 ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+ACCUMULATOR = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+# The smallest positive normal number of each dtype: below it, rounding errors are absolute.
+TINY = {"float16": 2.0**-14, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022}
+
+
+def round_to(values, dtype: str) -> np.ndarray:
+    """``values`` (float64) rounded once, to nearest even, to ``dtype``; returned as float64."""
+    v = np.asarray(values, dtype=np.float64)
+    if dtype != "bfloat16":  # NumPy converts float64 to float16/float32 directly (no double rounding)
+        return v.astype(dtype).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # the two bfloat16 neighbours of v: truncate float32(v) to bfloat16, and one bfloat16 ulp away from it
+        # (float32(v) is within 2**-24 of v, so v's nearest bfloat16 is one of them)
+        bits = v.astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        low = bits.view(np.float32).astype(np.float64)
+        high = (bits + np.uint32(0x10000)).view(np.float32).astype(np.float64)
+        d_low, d_high = np.abs(v - low), np.abs(high - v)
+        even_low = (bits & np.uint32(0x10000)) == 0
+        pick_low = (d_low < d_high) | ((d_low == d_high) & even_low)
+        out = np.where(pick_low, low, high)
+    return np.where(np.isfinite(v), out, v)
+
+
+@dataclass(frozen=True)
+class Accumulated:
+    """The exact result of a sum-like reduction and how far a correct implementation may be from it.
+
+    ``value`` is computed in float64.  An implementation that accumulates ``terms`` values per
+    output in the case's accumulator (float32 for half types) and rounds once to the output
+    dtype lands within ``bound`` of ``value`` *before* that last rounding, so it must return
+    ``round_to(value ± bound)``: for half types that is exactly ``round_to(value)`` unless the
+    accumulation error can cross a rounding boundary, in which case the neighbour is allowed too.
+    """
+
+    value: np.ndarray
+    bound: np.ndarray
+
+    @classmethod
+    def of(cls, value, magnitude, terms: int, rank: int, dtype: str) -> Accumulated:
+        """``magnitude`` is the same reduction of ``|x|`` (float64); ``terms`` the most summands per output."""
+        # each of the ``terms`` additions and up to 2·rank scalings (separable passes, 1/n) rounds once in the
+        # accumulator; the float64 reference itself is that close to exact in float64
+        steps = terms + 2 * rank + 1
+        accumulate = ROUNDOFF[ACCUMULATOR[dtype]]
+        magnitude = np.asarray(magnitude, dtype=np.float64)
+        bound = steps * (accumulate + ROUNDOFF["float64"]) * magnitude + TINY[ACCUMULATOR[dtype]] * accumulate
+        return cls(np.asarray(value, dtype=np.float64), bound)
+
+    def problem(self, got, dtype: str) -> str | None:
+        """``None`` when ``got`` is a correctly rounded result for ``dtype``, else what is wrong."""
+        got = np.asarray(got, dtype=np.float64)
+        if got.shape != self.value.shape:
+            return f"shape {got.shape} != {self.value.shape}"
+        nan = np.isnan(self.value)
+        if not np.array_equal(np.isnan(got), nan):
+            return "NaN positions differ"
+        finite = np.isfinite(self.value)
+        if not np.array_equal(got[~finite & ~nan], self.value[~finite & ~nan]):
+            return "inf positions differ"
+        got, want, bound = got[finite], self.value[finite], self.bound[finite]
+        if dtype in ("float16", "bfloat16"):  # rounded once: the rounding of some value in [want ± bound]
+            low, high = round_to(want - bound, dtype), round_to(want + bound, dtype)
+        else:  # rounded once at the end, plus the accumulation error
+            slack = ROUNDOFF[dtype] * np.abs(want) + bound + TINY[dtype] * ROUNDOFF[dtype]
+            low, high = want - slack, want + slack
+        bad = ~((low <= got) & (got <= high))
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        exact = round_to(want[i], dtype)
+        return (f"{int(bad.sum())} of {bad.size} not correctly rounded to {dtype}, e.g. got {got[i]!r}, "
+                f"exact {want[i]!r} (rounds to {exact!r}; allowed [{low[i]!r}, {high[i]!r}])")
 
 
 @dataclass(frozen=True)
@@ -36,18 +106,31 @@ class Case:
     dtype: str
     values: str  # "normal", "ties" (small integers) or "special" (NaN and ±inf sprinkled in)
     seed: int
+    storage: str = "contiguous"  # or "memory_format" (torch's channels_last memory) or "view" (see restride)
 
     @property
     def rank(self) -> int:
         return len(self.output_size)
 
     @property
-    def avg_tolerance(self) -> float:
-        """Allowed ``max |got - ref| / (1 + |ref|)`` for avg: 8 ulps of rounding plus 2·n·u of summation."""
+    def window(self) -> int:
+        """The most input positions one output reduces."""
         spec = self.spec
-        window = math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
-        accumulate = ROUNDOFF["float64" if self.dtype == "float64" else "float32"]
-        return 8 * ROUNDOFF[self.dtype] + 2 * window * accumulate
+        return math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
+
+    @property
+    def coverage(self) -> int:
+        """The most outputs one input position contributes to (the terms of its gradient)."""
+        spec = self.spec
+        return math.prod(-(-O // L) + 1 for L, O in zip(spec.input_size, spec.output_size))
+
+    @property
+    def avg_tolerance(self) -> float:
+        """Allowed ``max |a - b| / (1 + |b|)`` for avg between implementations that need not round once
+        (the frameworks' own ops round intermediate results: half-type channels_last averages in torch
+        were measured up to 3 ulps off), and between two implementations: 8 ulps plus 2·n·u of summation.
+        Against the reference, a column that rounds once is held to :class:`Accumulated` instead."""
+        return 8 * ROUNDOFF[self.dtype] + 2 * self.window * ROUNDOFF[ACCUMULATOR[self.dtype]]
 
     @property
     def spec(self) -> _args.PoolSpec:
@@ -72,51 +155,136 @@ class Case:
 
     def describe(self) -> str:
         return (f"shape={self.shape} output_size={self.output_size} {self.data_format} {self.dtype} "
-                f"{self.values} seed={self.seed}")
+                f"{self.values} seed={self.seed} storage={self.storage}")
+
+
+STORAGES = ("contiguous", "memory_format", "view")
 
 
 def random_cases(n: int, seed: int = 0, ranks: Iterable[int] = (1, 2, 3), dtypes: Iterable[str] = DTYPES,
-                 data_formats: Iterable[str] = _args.DATA_FORMATS, max_length: int = 24,
-                 unbatched: bool = True) -> list[Case]:
-    """``n`` random cases: non-divisible sizes, upsampling (O > L), size-1 axes, ``None``
-    entries, unbatched and channels_last inputs, every dtype, NaN/inf and ties."""
+                 data_formats: Iterable[str] = _args.DATA_FORMATS, max_length: int = 24, long_length: int = 300,
+                 unbatched: bool = True, empty: bool = True, storages: Iterable[str] = STORAGES) -> list[Case]:
+    """``n`` random cases: non-divisible sizes, upsampling (O > L), size-1 axes, ``None`` and
+    (with ``empty``) 0 entries, unbatched and channels_last inputs, every dtype, NaN/inf and ties.
+
+    Most axes are at most ``max_length`` long; about one case in six has one axis of up to
+    ``long_length`` (windows longer than any tile or vector width; 0 turns this off).
+    """
     rng = np.random.default_rng(seed)
-    ranks, dtypes, formats = list(ranks), list(dtypes), list(data_formats)
+    ranks, dtypes, formats, storages = list(ranks), list(dtypes), list(data_formats), list(storages)
     cases = []
     for _ in range(n):
         rank = int(rng.choice(ranks))
-        spatial = [int(rng.choice([1, rng.integers(1, 8), rng.integers(1, max_length + 1)])) for _ in range(rank)]
-        outputs = []
-        for length in spatial:
-            kind = rng.integers(0, 6)
-            outputs.append(
-                None if kind == 0 else 1 if kind == 1 else int(rng.integers(length + 1, 3 * length + 3))
-                if kind == 2 else int(rng.integers(1, length + 1))
-            )
+        spatial = [int(rng.choice([1, rng.integers(2, 9), rng.integers(2, max_length + 1)], p=[0.15, 0.45, 0.4]))
+                   for _ in range(rank)]
+        if long_length > max_length and rng.random() < 1 / 6:
+            axis = int(rng.integers(rank))
+            others = math.prod(spatial) // spatial[axis]  # keep the plane under ~20k positions
+            longest = max(max_length + 1, min(long_length, 20_000 // others))
+            spatial[axis] = int(rng.integers(max_length + 1, longest + 1))
+        outputs = [_random_output(rng, length, empty) for length in spatial]
         channels = int(rng.integers(1, 4))
         lead = [] if unbatched and rng.random() < 0.25 else [int(rng.integers(1, 3))]
         data_format = str(rng.choice(formats))
         shape = lead + ([channels] + spatial if data_format == "channels_first" else spatial + [channels])
         cases.append(Case(tuple(shape), tuple(outputs), data_format, str(rng.choice(dtypes)),
-                          str(rng.choice(["normal", "normal", "ties", "special"])), int(rng.integers(2**31))))
+                          str(rng.choice(["normal", "normal", "ties", "special"])), int(rng.integers(2**31)),
+                          str(rng.choice(storages, p=_storage_weights(storages)))))
     return cases
 
 
+def _random_output(rng, length: int, empty: bool):
+    """An output size for an axis of ``length``: mostly downsampling (O < L), sometimes the identity."""
+    kind = rng.random()
+    if kind < 0.07:
+        return None
+    if kind < 0.17:
+        return 1
+    if kind < 0.32:
+        return int(rng.integers(length + 1, 3 * length + 3))  # upsampling
+    if kind < 0.36:
+        return 0 if empty else length
+    if kind < 0.41 or length == 1:
+        return length
+    return int(rng.integers(1, length))
+
+
+def _storage_weights(storages: list[str]) -> list[float]:
+    weights = [3.0 if s == "contiguous" else 1.0 for s in storages]
+    return [w / sum(weights) for w in weights]
+
+
+def restride(arr, storage: str):
+    """``arr`` with the same values in another memory layout (torch tensors and NumPy arrays; others as is).
+
+    ``"memory_format"``: torch's channels_last / channels_last_3d for a 4-D / 5-D tensor (else as
+    ``"view"``); ``"view"``: a non-contiguous view, every other element of a buffer twice as long on
+    the last axis, with the first axis innermost in memory.
+    """
+    if storage == "contiguous":
+        return arr
+    if type(arr).__module__.startswith("torch"):
+        import torch
+
+        if storage == "memory_format" and arr.dim() in (4, 5):
+            return arr.contiguous(memory_format=torch.channels_last if arr.dim() == 4 else torch.channels_last_3d)
+        inner = arr.movedim(0, -1).contiguous().movedim(-1, 0) if arr.dim() > 1 else arr
+        wide = torch.zeros((*inner.shape[:-1], 2 * inner.shape[-1]), dtype=arr.dtype, device=arr.device)
+        wide = wide.movedim(0, -1).contiguous().movedim(-1, 0) if arr.dim() > 1 else wide
+        wide[..., ::2] = inner
+        return wide[..., ::2]
+    if isinstance(arr, np.ndarray) and arr.ndim:
+        wide = np.zeros((*arr.shape[:-1], 2 * arr.shape[-1]), dtype=arr.dtype)
+        wide = np.moveaxis(np.ascontiguousarray(np.moveaxis(wide, 0, -1)), -1, 0)
+        wide[..., ::2] = arr
+        return wide[..., ::2]
+    return arr
+
+
 def expected(case: Case, x: np.ndarray, op: str):
-    """The reference result for ``op`` on ``x`` (ref dtype: float32 for bfloat16 cases)."""
+    """The reference result for ``op`` on ``x``: an :class:`Accumulated` mean for ``"avg"``,
+    values (and indices) for ``"max"``/``"argmax"`` (float32 for bfloat16 cases)."""
     if op == "avg":
-        return reference.avg_pool(x, case.spec)
+        spec = case.spec
+        x64 = x.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            value, magnitude = reference.avg_pool(x64, spec), reference.avg_pool(np.abs(x64), spec)
+        return Accumulated.of(value, magnitude, case.window, case.rank, case.dtype)
     return reference.max_pool(x, case.spec, return_indices=op == "argmax")
 
 
+def expected_gradient(case: Case, op: str, grad_output, indices=None) -> Accumulated:
+    """The reference gradient of ``op`` ("avg" or "max") w.r.t. the input for ``grad_output``
+    (channels_first or channels_last as ``case``); ``indices``: the max positions (take them from an
+    independent source, e.g. :func:`expected`, so that a wrong index cannot pass)."""
+    spec = case.spec
+    g = np.asarray(grad_output, dtype=np.float64)
+    if op == "avg":
+        value, magnitude = reference.avg_pool_grad(g, spec), reference.avg_pool_grad(np.abs(g), spec)
+    else:
+        value, magnitude = reference.max_pool_grad(g, indices, spec), reference.max_pool_grad(np.abs(g), indices, spec)
+    return Accumulated.of(value, magnitude, case.coverage, case.rank, case.dtype)
+
+
 def compare(case: Case, op: str, got, want) -> tuple[float, str | None]:
-    """``(error, problem)``: the scaled avg error (0 for max) and a description of any mismatch."""
+    """``(error, problem)``: the scaled avg error (0 for max) and a description of any mismatch.
+
+    ``want`` is :func:`expected`'s reference (an avg then must be correctly rounded, see
+    :class:`Accumulated`) or another implementation's result (an avg then agrees within
+    ``case.avg_tolerance``, both having rounded).
+    """
     if op == "argmax":
         (got_v, got_i), (want_v, want_i) = got, want
         err, problem = compare(case, "max", got_v, want_v)
         if problem is None and (np.shape(got_i) != np.shape(want_i) or not np.array_equal(got_i, want_i)):
             problem = "indices differ"
         return err, problem
+    checked = isinstance(want, Accumulated)
+    if checked:
+        problem = want.problem(got, case.dtype)
+        if problem is not None:
+            return float("inf"), problem
+        want = want.value
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
@@ -131,16 +299,27 @@ def compare(case: Case, op: str, got, want) -> tuple[float, str | None]:
     if op == "max":
         return 0.0, None if np.array_equal(got[finite], want[finite]) else f"max values differ by {err:.3g}"
     tolerance = case.avg_tolerance
-    return err, None if err <= tolerance else f"error {err:.3g} > {tolerance:.3g}"
+    return err, None if checked or err <= tolerance else f"error {err:.3g} > {tolerance:.3g}"
 
 
 @dataclass
 class Column:
-    """One implementation under test; ``supports(case, op)`` filters what it can run."""
+    """One implementation under test; ``supports(case, op)`` filters what it can run.
+
+    ``rounds_once``: the column promises anypool's contract for averages (accumulate in float32 or
+    float64, round once to the output dtype), held exactly; other columns (the frameworks' own ops)
+    are held to ``Case.avg_tolerance``.
+    """
 
     name: str
     run: Callable[[Case, np.ndarray, str], object]
     supports: Callable[[Case, str], bool] = lambda case, op: True
+    rounds_once: bool = True
+
+    def expected(self, case: Case, x: np.ndarray, op: str):
+        """The reference this column is held to (:func:`expected`, as plain values unless ``rounds_once``)."""
+        want = expected(case, x, op)
+        return want.value if isinstance(want, Accumulated) and not self.rounds_once else want
 
 
 @dataclass
@@ -151,15 +330,21 @@ class Report:
     failures: list[str] = field(default_factory=list)
 
 
-def check(column: Column, cases: Iterable[Case], ops: Iterable[str] = OPS, progress=None) -> Report:
+def check(column: Column, cases: Iterable[Case], ops: Iterable[str] = OPS, progress=None,
+          min_share: float = 0.5) -> Report:
+    """Run ``column`` on every case and op it supports; it fails when it served less than
+    ``min_share`` of them (a ``supports`` filter that silently drops most of the cases)."""
     report = Report(column.name)
+    ops = tuple(ops)
+    offered = 0
     for case in cases:
+        offered += len(ops)
         x = case.input()
         for op in ops:
             if not column.supports(case, op):
                 continue
             try:
-                err, problem = compare(case, op, column.run(case, x, op), expected(case, x, op))
+                err, problem = compare(case, op, column.run(case, x, op), column.expected(case, x, op))
             except Exception as e:  # a crash is a failure of the column, reported like a mismatch
                 err, problem = float("inf"), f"{type(e).__name__}: {e}"
             report.cases += 1
@@ -168,6 +353,8 @@ def check(column: Column, cases: Iterable[Case], ops: Iterable[str] = OPS, progr
                 report.failures.append(f"{op} {case.describe()}: {problem}")
         if progress:
             progress()
+    if report.cases < min_share * offered:
+        report.failures.append(f"served {report.cases} of {offered} case-ops, less than {min_share:.0%}")
     return report
 
 
@@ -176,7 +363,7 @@ def anypool_column(backend) -> Column:
     import anypool
 
     def run(case: Case, x: np.ndarray, op: str):
-        arr = backend.from_numpy(x, case.dtype)
+        arr = restride(backend.from_numpy(x, case.dtype), case.storage)
         if op == "avg":
             return _to_numpy(backend, anypool.adaptive_avg_pool(arr, case.output_size, data_format=case.data_format))
         out = anypool.adaptive_max_pool(arr, case.output_size, data_format=case.data_format,
@@ -203,7 +390,7 @@ def torch_native_column() -> Column:
 
     def run(case: Case, x: np.ndarray, op: str):
         spec = case.spec
-        t = torch.from_numpy(x).to(getattr(torch, case.dtype))
+        t = restride(torch.from_numpy(x).to(getattr(torch, case.dtype)), case.storage)
         if spec.channels_last:  # native ops want channels first
             t = t.movedim(-1, 1 if spec.batched else 0)
         fn = getattr(F, f"adaptive_{'avg' if op == 'avg' else 'max'}_pool{case.rank}d")
@@ -219,7 +406,7 @@ def torch_native_column() -> Column:
         # size-0 outputs and 0-size windows are outside what the native op accepts
         return case.rank <= 3 and all(o != 0 for o in case.spec.output_size)
 
-    return Column("torch native", run, supports)
+    return Column("torch native", run, supports, rounds_once=False)
 
 
 # Modules that contribute columns beyond anypool's array backends (each defines
