@@ -164,13 +164,22 @@ def test_max_gradient_goes_to_the_first_tie_only():
     np.testing.assert_array_equal(np.asarray(g[0, 0]), want)
 
 
-def test_float16_gradient_dtype_and_values():
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 9, 7)), jnp.bfloat16)
-    g = jax.grad(lambda t: anypool.adaptive_avg_pool2d(t, (4, 5)).astype(jnp.float32).sum())(x)
-    assert g.dtype == jnp.bfloat16
-    spec = anypool._args.pool_spec(x.shape, (4, 5), 2)
-    want = reference.avg_pool_grad(np.ones((2, 3, 4, 5)), spec)
-    np.testing.assert_allclose(np.asarray(g, np.float32), want, rtol=1e-2)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_gradients_rounded_once(dtype):
+    """avg and max gradients of half inputs keep the dtype and are the float64 gradient rounded once
+    (max gradients placed by the reference's indices)."""
+    case = _harness.Case((2, 3, 9, 7), (4, 5), "channels_first", dtype, "ties", 0)
+    x = case.input()
+    _, indices = _harness.expected(case, x, "argmax")
+    g = np.random.default_rng(1).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    gj = backend.from_numpy(g, dtype)
+    for op, fn in (("avg", anypool.adaptive_avg_pool2d), ("max", anypool.adaptive_max_pool2d)):
+        _, vjp = jax.vjp(lambda t, fn=fn: fn(t, (4, 5)), backend.from_numpy(x, dtype))
+        (gx,) = vjp(gj)
+        assert gx.dtype == jnp.dtype(dtype)
+        want = _harness.expected_gradient(case, op, _harness._to_numpy(backend, gj), indices)
+        problem = want.problem(_harness._to_numpy(backend, gx), dtype)
+        assert problem is None, f"{op}: {problem}"
 
 
 def test_vmap_matches_batched_call():
@@ -215,3 +224,14 @@ def test_empty_output_axis():
     assert anypool.adaptive_avg_pool1d(x, 0).shape == (2, 3, 0)
     v, i = anypool.adaptive_max_pool1d(x, 0, return_indices=True)
     assert v.shape == i.shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jit_max_keeps_nan_after_a_fused_elementwise_op(dtype):
+    """Under jit, XLA:CPU fuses an elementwise op with a following max reduction into a kernel that
+    drops NaN: the plain max path must still propagate it (an upsampled axis, then a divisible one)."""
+    case = _harness.Case((2, 3, 16, 152), (46, 8), "channels_first", dtype, "special", 7)
+    x = case.input()
+    got = jax.jit(lambda t: anypool.adaptive_max_pool2d(t, case.output_size))(backend.from_numpy(x, dtype))
+    _, problem = _harness.compare(case, "max", _harness._to_numpy(backend, got), _harness.expected(case, x, "max"))
+    assert problem is None, problem
