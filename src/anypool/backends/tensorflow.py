@@ -279,9 +279,23 @@ def _max_general(x, spec: PoolSpec, return_indices: bool = False):
 # ---------------------------------------------------------------- public entry points
 
 
+def _empty(x, spec: PoolSpec):
+    """The 0-size result of an ``output_size`` holding 0, taken from a 0-length slice of ``x`` so
+    that its gradient is zeros (and no window formula divides by ``O = 0`` at run time)."""
+    dims = _dims(x)
+    axis = spec.spatial_axes[spec.output_size.index(0)]
+    for k, out in zip(spec.spatial_axes, spec.output_size):
+        if out is not None:
+            dims[k] = out
+    nothing = tf.gather(x, tf.zeros([0], tf.int64), axis=axis)
+    return tf.reshape(nothing, tf.stack([tf.cast(d, tf.int64) for d in dims]))
+
+
 def avg_pool(x, spec: PoolSpec):
     """Mean over each window: ``(…, L, …) → (…, O, …)`` per spatial axis."""
     x = tf.convert_to_tensor(x)
+    if 0 in spec.output_size:
+        return _empty(x, spec)
     if not _static(spec):
         return _avg_general(x, spec)
     plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
@@ -336,6 +350,9 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False):
     """Max over each window; with ``return_indices`` also int64 flat offsets into the spatial plane
     (first max on ties, last NaN in a window holding NaN, as PyTorch)."""
     x = tf.convert_to_tensor(x)
+    if 0 in spec.output_size:
+        values = _empty(x, spec)
+        return (values, tf.zeros_like(values, tf.int64)) if return_indices else values
     if return_indices or not _static(spec) or not x.dtype.is_floating:
         return _max_general(x, spec, return_indices)
     # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
