@@ -78,11 +78,11 @@ def _random(shape, dtype: str, seed: int) -> torch.Tensor:
     return g.to(DTYPES[dtype]).to(DEVICE)
 
 
-def _check_grad(case: Case, got: torch.Tensor, want: np.ndarray, what: str) -> None:
-    got = got.cpu().double().numpy()
-    assert got.shape == want.shape, what
-    err = np.abs(got - want) / (1 + np.abs(want))
-    assert err.max(initial=0) <= case.avg_tolerance, f"{what}: error {err.max():.3g}"
+def _check_grad(got: torch.Tensor, want: _harness.Accumulated, dtype: str, what: str) -> None:
+    """Accumulated in float32, rounded once to ``dtype`` (see ``_harness.Accumulated``)."""
+    got = got.cpu().float().double().numpy()
+    problem = want.problem(got, dtype)
+    assert problem is None, f"{what}: {problem}"
 
 
 def _run_case(case: Case, layout: str = "as-is", grad_layout: str = "as-is") -> None:
@@ -101,17 +101,20 @@ def _run_case(case: Case, layout: str = "as-is", grad_layout: str = "as-is") -> 
         err, problem = _harness.compare(case, op, got, _harness.expected(case, x, op))
         assert problem is None, f"{op} {case.describe()} {layout}: {problem}"
 
-    # backward, against the reference gradient on the logical (N, C, *S) problem
-    spec = _args.pool_spec(tuple(t.shape), out, case.rank)
+    # backward, against the reference gradient on the logical (N, C, *S) problem; the max gradient is
+    # placed by the reference's indices, so a wrong index cannot pass
+    logical = Case(tuple(t.shape), tuple(out), "channels_first", case.dtype, case.values, case.seed)
+    _, want_indices = _harness.expected(logical, t.cpu().float().double().numpy(), "argmax")
     g = _random(avg.shape, case.dtype, case.seed)
     if grad_layout != "as-is":
         g = _relayout(g, grad_layout)
     g64 = g.cpu().double().numpy()
     input_size = tuple(t.shape[2:])
-    _check_grad(case, tk.avg_backward(g, input_size), reference.avg_pool_grad(g64, spec), f"avg grad {case.describe()}")
+    _check_grad(tk.avg_backward(g, input_size), _harness.expected_gradient(logical, "avg", g64), case.dtype,
+                f"avg grad {case.describe()}")
     idx = indices if grad_layout == "as-is" else _relayout(indices, grad_layout)
-    _check_grad(case, tk.max_backward(g, idx, input_size),
-                reference.max_pool_grad(g64, indices.cpu().numpy(), spec), f"max grad {case.describe()}")
+    _check_grad(tk.max_backward(g, idx, input_size), _harness.expected_gradient(logical, "max", g64, want_indices),
+                case.dtype, f"max grad {case.describe()}")
 
 
 # ---------------------------------------------------------------- explicit cases

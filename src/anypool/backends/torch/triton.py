@@ -72,6 +72,16 @@ if triton is not None:
         return ((i + 1) * out - 1) // length
 
     @triton.jit
+    def _rounded(v, dtype: tl.constexpr):
+        """float32 ``v`` rounded to nearest even in ``dtype``.  bfloat16 is rounded here, in the
+        bits: the compiled cast already rounds so, but the interpreter's cast truncates."""
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # a NaN stays NaN
+        return v.to(dtype)
+
+    @triton.jit
     def _pool_fwd_kernel(
         x_ptr, y_ptr, i_ptr,
         N, C, D, H, W, OD, OH, OW,
@@ -159,13 +169,13 @@ if triton is not None:
             top = tl.max(tl.where(is_nan | (at == none), float("-inf"), best), axis=WA, keep_dims=True)
             first = tl.min(tl.where(~is_nan & (at != none) & (best == top), at, none), axis=WA, keep_dims=True)
             value = tl.where(has_nan, float("nan"), top)
-            tl.store(y_ptr + y_off, value.to(y_ptr.dtype.element_ty), mask=mask_oc)
+            tl.store(y_ptr + y_off, _rounded(value, y_ptr.dtype.element_ty), mask=mask_oc)
             if WITH_INDEX:
                 tl.store(i_ptr + y_off, tl.where(has_nan, last_nan, first).to(tl.int64), mask=mask_oc)
         else:
             count = ((d1 - d0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
             mean = tl.sum(acc, axis=WA, keep_dims=True) / count
-            tl.store(y_ptr + y_off, mean.to(y_ptr.dtype.element_ty), mask=mask_oc)
+            tl.store(y_ptr + y_off, _rounded(mean, y_ptr.dtype.element_ty), mask=mask_oc)
 
     @triton.jit
     def _pool_bwd_kernel(
@@ -235,7 +245,7 @@ if triton is not None:
                     else:
                         acc += g / (size_dh * (_end(ow, W, OW) - _start(ow, W, OW))).to(tl.float32)
         dx_off = n * sdn + c * sdc + di * sdd + hi * sdh + i * sdw
-        tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_ic)
+        tl.store(dx_ptr + dx_off, _rounded(acc, dx_ptr.dtype.element_ty), mask=mask_ic)
 
     _INTERPRETED = not isinstance(_pool_fwd_kernel, triton.runtime.jit.JITFunction)
 else:
