@@ -83,7 +83,8 @@ def as_sizes(valid_sizes, x: torch.Tensor, rank: int) -> torch.Tensor:
 def _sizes(valid_sizes: torch.Tensor, out, keep) -> torch.Tensor:
     """The ops' per-sample table ``(N, 2k)``: valid input lengths, then valid output lengths
     (the output size, or the sample's own length on an axis that keeps its size)."""
-    outs = [valid_sizes[:, d] if k else torch.full_like(valid_sizes[:, d], o) for d, (o, k) in enumerate(zip(out, keep))]
+    outs = [valid_sizes[:, d] if k else torch.full_like(valid_sizes[:, d], o)
+            for d, (o, k) in enumerate(zip(out, keep))]
     return torch.cat([valid_sizes, torch.stack(outs, 1)], 1)
 
 
