@@ -475,3 +475,80 @@ def test_compile_aot_autograd_with_backward():
         want = (anypool.adaptive_avg_pool2d(x, (2, 3), valid_sizes=v).sum()
                 + anypool.adaptive_max_pool2d(x, 2, valid_sizes=v).square().sum())
         torch.testing.assert_close(got, torch.autograd.grad(want, x)[0])
+
+
+# --- JAX ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jnp():
+    jax = pytest.importorskip("jax")
+    return jax.numpy
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_jax_equals_each_cropped_sample_alone(jnp, seed):
+    x, valid, output_size, cl = _case(500 + seed)
+    rank = valid.shape[1]
+    dtype = ("float32", "float16", "bfloat16")[seed % 3]
+    fmt = "channels_last" if cl else "channels_first"
+    xe = _exact_input(x, dtype)
+    padded = x.shape[1:1 + rank] if cl else x.shape[2:]
+    avg, mx = FUNCTIONS[rank]
+    xj = jnp.asarray(x, dtype=jnp.bfloat16 if dtype == "bfloat16" else dtype)
+    vs = jnp.asarray(valid) if seed % 2 else valid.tolist()
+    got = getattr(anypool, avg)(xj, output_size, data_format=fmt, valid_sizes=vs)
+    _close(np.asarray(got.astype(jnp.float32)), _oracle(avg, xe, valid, (output_size,), cl),
+           _tolerance(dtype, padded, output_size))
+    values, index = getattr(anypool, mx)(xj, output_size, data_format=fmt, valid_sizes=vs, return_indices=True)
+    want_values, want_index = _oracle(mx, xe, valid, (output_size,), cl, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32)), want_values)
+    np.testing.assert_array_equal(np.asarray(index), want_index)
+    got = anypool.global_max_pool(xj, data_format=fmt, valid_sizes=vs)
+    want = _oracle("adaptive_max_pool", xe, valid, ((1,) * rank,), cl).reshape(got.shape)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+
+
+def test_jax_jit_traces_valid_sizes_once_grad_and_vmap(jnp):
+    import jax
+
+    traces = []
+
+    @jax.jit
+    def f(x, valid):
+        traces.append(1)
+        return anypool.adaptive_avg_pool2d(x, (3, 2), valid_sizes=valid), anypool.adaptive_max_pool2d(
+            x, (2, None), valid_sizes=valid, return_indices=True)
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
+    for valid in ([[7, 6], [1, 1], [4, 5]], [[2, 3], [7, 2], [5, 6]]):
+        v = np.array(valid)
+        avg, (values, index) = f(jnp.asarray(x), jnp.asarray(v))
+        _close(np.asarray(avg), _oracle("adaptive_avg_pool2d", x, v, ((3, 2),), False), 1e-6)
+        want_values, want_index = _oracle("adaptive_max_pool2d", x, v, ((2, None),), False, return_indices=True)
+        np.testing.assert_array_equal(np.asarray(values), want_values)
+        np.testing.assert_array_equal(np.asarray(index), want_index)
+    assert len(traces) == 1
+
+    v = np.array([[7, 6], [2, 3], [5, 1]])
+    xp = np.where(np.ones_like(x, bool), x, 0)
+    xp[1, :, 2:, :] = np.nan  # padding: NaN must not reach the gradient either
+    xp[2, :, :, 1:] = np.inf
+    for function, native in (("adaptive_avg_pool2d", NATIVE_AVG[2]), ("adaptive_max_pool2d", NATIVE_MAX[2])):
+        g = jax.grad(lambda t, function=function: getattr(anypool, function)(t, (3, 2), valid_sizes=v).sum())(
+            jnp.asarray(xp))
+        g = np.asarray(g)
+        for i, sizes in enumerate(v):
+            crop = torch.from_numpy(xp[i:i + 1, :, :sizes[0], :sizes[1]]).requires_grad_()
+            (want,) = torch.autograd.grad(native(crop, (3, 2)).sum(), crop)
+            np.testing.assert_allclose(g[i:i + 1, :, :sizes[0], :sizes[1]], want.numpy(), rtol=1e-6, atol=1e-7)
+            pad = np.ones(g.shape[1:], bool)
+            pad[:, :sizes[0], :sizes[1]] = False
+            assert (g[i][pad] == 0).all()
+
+    batched = jax.vmap(lambda t, s: anypool.adaptive_avg_pool2d(t, (3, 2), valid_sizes=s))
+    xs, vs = np.stack([x, x[::-1]]), np.stack([v, v[::-1]])
+    got = np.asarray(batched(jnp.asarray(xs), jnp.asarray(vs)))
+    for b in range(2):
+        _close(got[b], _oracle("adaptive_avg_pool2d", xs[b], vs[b], ((3, 2),), False), 1e-6)

@@ -60,7 +60,7 @@ def _valid(backend, x, valid_sizes, spec, output_size, function: str) -> dict:
         raise _args.valid_sizes_unsupported(backend.name, function)
     if backend.is_array(valid_sizes):
         shape, dtype = backend.shape(valid_sizes), backend.dtype_name(valid_sizes)
-        values = None if backend.is_tracing() else backend.to_numpy(valid_sizes)
+        values = None if backend.is_tracing() else backend.known_values(valid_sizes)
     else:
         try:
             valid_sizes = _np.asarray(valid_sizes)

@@ -50,6 +50,11 @@ def squeeze(x, axes):
     return np.squeeze(x, axis=tuple(axes))
 
 
+def known_values(valid_sizes) -> np.ndarray:
+    """The entries of ``valid_sizes`` (for the range check; a tracing backend may not know them)."""
+    return np.asarray(valid_sizes)
+
+
 def as_sizes(valid_sizes, x, rank: int) -> np.ndarray:
     """Checked ``valid_sizes`` as an int64 array ``(N, rank)``."""
     return np.asarray(valid_sizes, dtype=np.int64).reshape(-1, rank)

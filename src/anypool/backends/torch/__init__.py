@@ -74,6 +74,11 @@ def _back(y: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     return y if spec.batched else y.squeeze(0)
 
 
+def known_values(valid_sizes: torch.Tensor) -> np.ndarray | None:
+    """The entries of ``valid_sizes`` for the range check (``None`` while torch traces them)."""
+    return None if torch.compiler.is_compiling() else to_numpy(valid_sizes)
+
+
 def as_sizes(valid_sizes, x: torch.Tensor, rank: int) -> torch.Tensor:
     """Checked ``valid_sizes`` (a tensor, NumPy array or list) as int64 ``(N, rank)`` on ``x``'s device."""
     v = torch.as_tensor(np.asarray(valid_sizes)) if not isinstance(valid_sizes, torch.Tensor) else valid_sizes
