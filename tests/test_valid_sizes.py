@@ -38,7 +38,7 @@ NATIVE_MAX = {1: torch.nn.functional.adaptive_max_pool1d, 2: torch.nn.functional
 # --- cases ------------------------------------------------------------------------------------------
 
 
-def _case(seed: int, rank: int | None = None):
+def _case(seed: int, rank: int | None = None, channels: int | None = None):
     """A random padded batch: ``(x float64 NumPy, valid (N, k), output_size, channels_last)``.
 
     The valid regions hold normal values with ties and, sometimes, NaN/±inf; the padding holds
@@ -47,6 +47,7 @@ def _case(seed: int, rank: int | None = None):
     rng = np.random.default_rng(seed)
     rank = rank or int(rng.integers(1, 4))
     n, c = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+    c = channels or c
     padded = tuple(int(s) for s in rng.integers(1, 11 if rank < 3 else 7, rank))
     valid = np.stack([rng.integers(1, s + 1, n) for s in padded], axis=1)
     valid[0] = padded  # a full-size sample
@@ -552,3 +553,51 @@ def test_jax_jit_traces_valid_sizes_once_grad_and_vmap(jnp):
     got = np.asarray(batched(jnp.asarray(xs), jnp.asarray(vs)))
     for b in range(2):
         _close(got[b], _oracle("adaptive_avg_pool2d", xs[b], vs[b], ((3, 2),), False), 1e-6)
+
+
+# --- ONNX export ----------------------------------------------------------------------------------------
+
+
+def _cf_case(seed, rank, channels_last):
+    """A case with 2 channels (fixed at export) in the layout asked for."""
+    x, valid, _, cl = _case(seed, rank=rank, channels=2)
+    x = np.moveaxis(x, -1, 1) if cl else x
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1) if channels_last else x), valid
+
+
+class _Padded(torch.nn.Module):
+    def __init__(self, rank, output_size, data_format):
+        super().__init__()
+        self.rank, self.output_size, self.data_format = rank, output_size, data_format
+
+    def forward(self, x, valid):
+        avg, mx = FUNCTIONS[self.rank]
+        kw = {"data_format": self.data_format, "valid_sizes": valid}
+        return (getattr(anypool, avg)(x, self.output_size, **kw),
+                *getattr(anypool, mx)(x, self.output_size, return_indices=True, **kw),
+                anypool.global_avg_pool(x, **kw))
+
+
+@pytest.mark.parametrize(("rank", "output_size", "data_format"), [
+    (1, 3, "channels_first"), (2, (3, None), "channels_first"), (2, (2, 5), "channels_last"),
+    (3, (2, 1, 3), "channels_first"),
+])
+def test_onnx_export_valid_sizes_a_graph_input(rank, output_size, data_format):
+    ort = pytest.importorskip("onnxruntime")
+    import anypool.onnx
+
+    cl = data_format == "channels_last"
+    x, valid = _cf_case(600 + rank, rank, cl)
+    x = torch.from_numpy(x).float()
+    spatial = range(1, 1 + rank) if cl else range(2, 2 + rank)
+    dims = {0: "N", **{a: f"S{a}" for a in spatial}}
+    model = _Padded(rank, output_size, data_format)
+    program = anypool.onnx.export(model, (x, torch.from_numpy(valid)), None, dynamic_shapes=(dims, {0: "N"}))
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    for seed in range(3):  # other batch compositions, sizes and padding (NaN, inf)
+        x, valid = _cf_case(700 + 10 * rank + seed, rank, cl)
+        got = session.run(None, {names[0]: x.astype(np.float32), names[1]: valid})
+        want = model(torch.from_numpy(x).float(), torch.from_numpy(valid))
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)
