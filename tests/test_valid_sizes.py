@@ -601,3 +601,20 @@ def test_onnx_export_valid_sizes_a_graph_input(rank, output_size, data_format):
         want = model(torch.from_numpy(x).float(), torch.from_numpy(valid))
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_flax_modules_take_valid_sizes(jnp):
+    pytest.importorskip("flax")
+    import anypool.layers.flax as apf
+
+    x, valid = _cf_case(800, 2, True)  # Flax: channels_last
+    xj = jnp.asarray(x.astype(np.float32))
+    for module, function, kw in ((apf.AdaptiveAvgPool((3, None)), "adaptive_avg_pool", {}),
+                                 (apf.AdaptiveMaxPool((2, 4)), "adaptive_max_pool", {}),
+                                 (apf.GlobalAvgPool(), "global_avg_pool", {}),
+                                 (apf.GlobalMaxPool(keepdims=True), "global_max_pool", {"keepdims": True})):
+        args = (module.output_size,) if function.startswith("adaptive") else ()
+        want = getattr(anypool, function)(x.astype(np.float32), *args, data_format="channels_last",
+                                          valid_sizes=valid, **kw)
+        np.testing.assert_allclose(np.asarray(module(xj, valid_sizes=jnp.asarray(valid))), want, rtol=1e-6,
+                                   atol=1e-6)
