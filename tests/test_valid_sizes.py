@@ -618,3 +618,20 @@ def test_flax_modules_take_valid_sizes(jnp):
                                           valid_sizes=valid, **kw)
         np.testing.assert_allclose(np.asarray(module(xj, valid_sizes=jnp.asarray(valid))), want, rtol=1e-6,
                                    atol=1e-6)
+
+
+def test_plain_torch_onnx_export_after_import():
+    ort = pytest.importorskip("onnxruntime")
+    import anypool.onnx  # noqa: F401  (registers the translations with torch.onnx.export)
+
+    model = _Padded(2, (2, None), "channels_first")
+    x, valid = _cf_case(900, 2, False)
+    dims = {0: torch.export.Dim("N", min=2), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = torch.onnx.export(model, (torch.from_numpy(x).float(), torch.from_numpy(valid)), dynamo=True,
+                                dynamic_shapes=(dims, {0: dims[0]}), verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    x, valid = _cf_case(901, 2, False)
+    got = session.run(None, {names[0]: x.astype(np.float32), names[1]: valid})
+    for g, w in zip(got, model(torch.from_numpy(x).float(), torch.from_numpy(valid))):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)

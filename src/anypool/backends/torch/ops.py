@@ -314,6 +314,15 @@ def max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, tor
 # then take ``sizes=``); otherwise the portable path does.
 
 
+def _on_onnx_export_valid(output_size, op: str) -> None:
+    """As :func:`_on_onnx_export`.  A symbolic entry here is an axis that keeps its (dynamic) size, which
+    the translation reads from the run-time shape, so only the plain ints are checked."""
+    if torch.onnx.is_in_onnx_export():
+        from ... import _onnx_hook
+
+        _onnx_hook.on_export([o for o in output_size if isinstance(o, int)] or [1], op)
+
+
 def implementation_valid(x: torch.Tensor, output_size) -> ModuleType:
     module = implementation(x, output_size)
     return module if getattr(module, "VALID_SIZES", False) else portable
@@ -322,12 +331,14 @@ def implementation_valid(x: torch.Tensor, output_size) -> ModuleType:
 @torch.library.custom_op("anypool::adaptive_avg_pool_valid", mutates_args=(),
                          schema="(Tensor x, Tensor sizes, SymInt[] output_size) -> Tensor")
 def adaptive_avg_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    _on_onnx_export_valid(output_size, "anypool::adaptive_avg_pool_valid")
     out = implementation_valid(x, output_size).avg_forward(x, output_size, sizes=sizes)
     return _conform(out, x, output_size)
 
 
 @adaptive_avg_pool_valid.register_fake
 def _(x, sizes, output_size):
+    _on_onnx_export_valid(output_size, "anypool::adaptive_avg_pool_valid")
     return _layout_empty(x, output_size)
 
 
@@ -335,12 +346,14 @@ def _(x, sizes, output_size):
                          schema="(Tensor x, Tensor sizes, SymInt[] output_size) -> (Tensor, Tensor)")
 def adaptive_max_pool_valid(x: torch.Tensor, sizes: torch.Tensor,
                             output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _on_onnx_export_valid(output_size, "anypool::adaptive_max_pool_valid")
     values, indices = implementation_valid(x, output_size).max_forward(x, output_size, sizes=sizes)
     return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
 
 
 @adaptive_max_pool_valid.register_fake
 def _(x, sizes, output_size):
+    _on_onnx_export_valid(output_size, "anypool::adaptive_max_pool_valid")
     return _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
 
 
