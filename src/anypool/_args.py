@@ -286,3 +286,19 @@ def valid_sizes_not_array(valid_sizes, function: str) -> TypeError:
 def valid_sizes_unsupported(backend: str, function: str) -> TypeError:
     return _fail(TypeError, f"{function}(valid_sizes)", _Described(f"valid sizes for a {backend} input"),
                  "an input of a backend that pools padded batches (NumPy or PyTorch)")
+
+
+def check_prefix_mask(mask, argument: str) -> None:
+    """A mask ``(N, L)`` whose ``True`` entries are a prefix of every row (padding at the end)."""
+    import numpy as np
+
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise _fail(ValueError, argument, _Described(f"a mask of shape {mask.shape}"), "a mask (N, L) of the 1-D axis")
+    lengths = mask.sum(1)
+    bad = np.flatnonzero((mask != (np.arange(mask.shape[1]) < lengths[:, None])).any(1) | (lengths < 1))
+    if bad.size:
+        row = "".join("1" if v else "0" for v in mask[bad[0]])
+        raise _fail(ValueError, argument, _Described(f"row {int(bad[0])} = {row}"),
+                    "a mask that is True on a non-empty prefix of each sample and False after it (padding at "
+                    "the end), as Embedding(mask_zero=True) or Masking give")
