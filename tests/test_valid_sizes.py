@@ -635,3 +635,16 @@ def test_plain_torch_onnx_export_after_import():
     got = session.run(None, {names[0]: x.astype(np.float32), names[1]: valid})
     for g, w in zip(got, model(torch.from_numpy(x).float(), torch.from_numpy(valid))):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_explain_valid(capsys):
+    from anypool import cli
+
+    assert cli.main(["explain", "10x8", "3", "--valid", "5x8"]) == 0
+    out = capsys.readouterr().out
+    assert "valid over 5x8 of the padded 10x8" in out and "axis 0: 5 -> 3" in out and "axis 1: 8 -> 3" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[1:3] for r in rows[:3]] == [[str(s), str(e)] for s, e in _bins.axis_bins(5, 3)]
+    assert cli.main(["explain", "10", "3", "--valid", "11"]) == 2
+    assert "anypool explain(valid_sizes): got 11 for sample 0, spatial axis 0; expected a size from 1 to the " \
+           "padded size 10" in capsys.readouterr().err
