@@ -285,7 +285,7 @@ def valid_sizes_not_array(valid_sizes, function: str) -> TypeError:
 
 def valid_sizes_unsupported(backend: str, function: str) -> TypeError:
     return _fail(TypeError, f"{function}(valid_sizes)", _Described(f"valid sizes for a {backend} input"),
-                 "an input of a backend that pools padded batches (NumPy or PyTorch)")
+                 "an input of a backend that pools padded batches (NumPy, PyTorch, JAX or TensorFlow)")
 
 
 def check_prefix_mask(mask, argument: str) -> None:
