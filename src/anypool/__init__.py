@@ -8,11 +8,20 @@ Along a spatial axis of length ``L`` pooled to ``O``, output ``j`` reduces input
 
 ``output_size`` is an int (every axis) or one entry per spatial axis; an entry
 ``None`` keeps that axis' size, ``0`` gives an empty axis.
+
+Padded batches: ``valid_sizes``, integers of shape ``(N, k)`` (``k`` spatial axes; ``(N,)``
+for 1-D), gives each sample's unpadded size — its valid region is the leading
+``valid_sizes[i]`` positions of every spatial axis.  Output ``i`` is then the pooling of
+sample ``i`` cropped to that region, alone (``L = valid_sizes[i][axis]`` above); max
+indices stay flat offsets into the padded plane, and the padding gets gradient 0.  A
+``None`` output entry keeps the axis: sample ``i`` is valid over its own length, 0 beyond.
 """
 
 from __future__ import annotations
 
 import sys as _sys
+
+import numpy as _np
 
 from . import _args, _dispatch
 from ._args import OutputSize
@@ -33,26 +42,45 @@ __all__ = [
 
 
 def _pool(x, output_size: OutputSize, rank: int, data_format: str, function: str, reduce: str,
-          return_indices: bool = False, batched=None):
+          return_indices: bool = False, batched=None, valid_sizes=None):
     """Check the call, pick the backend and run it; returns ``(result, spec)``."""
     backend = _dispatch.backend_for(x, function)
     spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched,
                            cache=not backend.is_tracing())
+    valid = {} if valid_sizes is None else _valid(backend, x, valid_sizes, spec, output_size, function)
     if reduce == "avg":
         _args.require_floating(backend.dtype_name(x), backend.is_floating(x), function)
-        return backend.avg_pool(x, spec), spec
-    return backend.max_pool(x, spec, return_indices), spec
+        return backend.avg_pool(x, spec, **valid), spec
+    return backend.max_pool(x, spec, return_indices, **valid), spec
 
 
-def _avg(x, output_size, rank, data_format, function):
-    return _pool(x, output_size, rank, data_format, function, "avg")[0]
+def _valid(backend, x, valid_sizes, spec, output_size, function: str) -> dict:
+    """``valid_sizes`` checked and in ``x``'s framework: the keywords for the backend's pool."""
+    if not getattr(backend, "VALID_SIZES", False):
+        raise _args.valid_sizes_unsupported(backend.name, function)
+    if backend.is_array(valid_sizes):
+        shape, dtype = backend.shape(valid_sizes), backend.dtype_name(valid_sizes)
+        values = None if backend.is_tracing() else backend.known_values(valid_sizes)
+    else:
+        try:
+            valid_sizes = _np.asarray(valid_sizes)
+        except (TypeError, ValueError):
+            raise _args.valid_sizes_not_array(valid_sizes, function) from None
+        shape, dtype, values = valid_sizes.shape, valid_sizes.dtype.name, valid_sizes
+    _args.check_valid_sizes(shape, dtype, _args.is_integer_dtype(dtype), values, spec, function)
+    return {"valid_sizes": backend.as_sizes(valid_sizes, x, spec.rank),
+            "keep": _args.kept_axes(output_size, spec.rank)}
 
 
-def _max(x, output_size, rank, data_format, return_indices, function):
-    return _pool(x, output_size, rank, data_format, function, "max", return_indices)[0]
+def _avg(x, output_size, rank, data_format, function, valid_sizes=None):
+    return _pool(x, output_size, rank, data_format, function, "avg", valid_sizes=valid_sizes)[0]
 
 
-def adaptive_avg_pool(x, output_size, *, data_format: str = "channels_first"):
+def _max(x, output_size, rank, data_format, return_indices, function, valid_sizes=None):
+    return _pool(x, output_size, rank, data_format, function, "max", return_indices, valid_sizes=valid_sizes)[0]
+
+
+def adaptive_avg_pool(x, output_size, *, data_format: str = "channels_first", valid_sizes=None):
     """Adaptive average pooling over ``len(output_size)`` spatial axes (any N ≥ 1).
 
     ``x``: ``(N, C, *S)`` / ``(C, *S)`` (channels_first) or ``(N, *S, C)`` / ``(*S, C)``
@@ -60,10 +88,11 @@ def adaptive_avg_pool(x, output_size, *, data_format: str = "channels_first"):
     ``output_size``.  float16/bfloat16 accumulate in float32 (NumPy: float64).
     """
     rank = _args.output_rank(output_size, "adaptive_avg_pool")
-    return _avg(x, output_size, rank, data_format, "adaptive_avg_pool")
+    return _avg(x, output_size, rank, data_format, "adaptive_avg_pool", valid_sizes)
 
 
-def adaptive_max_pool(x, output_size, *, return_indices: bool = False, data_format: str = "channels_first"):
+def adaptive_max_pool(x, output_size, *, return_indices: bool = False, data_format: str = "channels_first",
+                      valid_sizes=None):
     """Adaptive max pooling over ``len(output_size)`` spatial axes (any N ≥ 1).
 
     Shapes as :func:`adaptive_avg_pool`.  NaN propagates.  With ``return_indices``
@@ -71,58 +100,60 @@ def adaptive_max_pool(x, output_size, *, return_indices: bool = False, data_form
     the output's shape: ties pick the first position, a window holding NaN its last NaN.
     """
     rank = _args.output_rank(output_size, "adaptive_max_pool")
-    return _max(x, output_size, rank, data_format, return_indices, "adaptive_max_pool")
+    return _max(x, output_size, rank, data_format, return_indices, "adaptive_max_pool", valid_sizes)
 
 
-def adaptive_avg_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_avg_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_avg_pool`: ``(N, C, L)``/``(C, L)`` → ``(N, C, O)``/``(C, O)``."""
-    return _avg(x, output_size, 1, data_format, "adaptive_avg_pool1d")
+    return _avg(x, output_size, 1, data_format, "adaptive_avg_pool1d", valid_sizes)
 
 
-def adaptive_avg_pool2d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_avg_pool2d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_avg_pool`: ``(N, C, H, W)`` → ``(N, C, *output_size)``."""
-    return _avg(x, output_size, 2, data_format, "adaptive_avg_pool2d")
+    return _avg(x, output_size, 2, data_format, "adaptive_avg_pool2d", valid_sizes)
 
 
-def adaptive_avg_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_avg_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_avg_pool`: ``(N, C, D, H, W)`` → ``(N, C, *output_size)``."""
-    return _avg(x, output_size, 3, data_format, "adaptive_avg_pool3d")
+    return _avg(x, output_size, 3, data_format, "adaptive_avg_pool3d", valid_sizes)
 
 
 def adaptive_max_pool1d(x, output_size: OutputSize, *, return_indices: bool = False,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_max_pool`."""
-    return _max(x, output_size, 1, data_format, return_indices, "adaptive_max_pool1d")
+    return _max(x, output_size, 1, data_format, return_indices, "adaptive_max_pool1d", valid_sizes)
 
 
 def adaptive_max_pool2d(x, output_size: OutputSize, *, return_indices: bool = False,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_max_pool`."""
-    return _max(x, output_size, 2, data_format, return_indices, "adaptive_max_pool2d")
+    return _max(x, output_size, 2, data_format, return_indices, "adaptive_max_pool2d", valid_sizes)
 
 
 def adaptive_max_pool3d(x, output_size: OutputSize, *, return_indices: bool = False,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_max_pool`."""
-    return _max(x, output_size, 3, data_format, return_indices, "adaptive_max_pool3d")
+    return _max(x, output_size, 3, data_format, return_indices, "adaptive_max_pool3d", valid_sizes)
 
 
-def _global(x, data_format: str, keepdims: bool, function: str, reduce: str):
+def _global(x, data_format: str, keepdims: bool, function: str, reduce: str, valid_sizes=None):
     backend = _dispatch.backend_for(x, function)
     rank = max(len(backend.shape(x)) - 2, 1)  # a tensor of rank < 3 fails the layout check
-    out, spec = _pool(x, 1, rank, data_format, function, reduce, batched=True)
+    out, spec = _pool(x, 1, rank, data_format, function, reduce, batched=True, valid_sizes=valid_sizes)
     return out if keepdims else backend.squeeze(out, spec.spatial_axes)
 
 
-def global_avg_pool(x, *, data_format: str = "channels_first", keepdims: bool = False):
+def global_avg_pool(x, *, data_format: str = "channels_first", keepdims: bool = False,
+                    valid_sizes=None):
     """Mean over every spatial axis of a batch: ``(N, C, *S)`` or ``(N, *S, C)`` → ``(N, C)``.
 
     With ``keepdims`` the spatial axes stay, of length 1 (like Keras'
     ``GlobalAveragePooling2D(keepdims=True)``).  Raises on an empty spatial axis.
     """
-    return _global(x, data_format, keepdims, "global_avg_pool", "avg")
+    return _global(x, data_format, keepdims, "global_avg_pool", "avg", valid_sizes)
 
 
-def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = False):
+def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = False,
+                    valid_sizes=None):
     """Max over every spatial axis of a batch; shapes as :func:`global_avg_pool`."""
-    return _global(x, data_format, keepdims, "global_max_pool", "max")
+    return _global(x, data_format, keepdims, "global_max_pool", "max", valid_sizes)

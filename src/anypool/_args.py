@@ -221,3 +221,84 @@ def onnx_not_registered(function: str) -> RuntimeError:
                  "anypool's ONNX translations were registered"),
                  "anypool.onnx.export(model, args, f, dynamic_shapes=...), or `import anypool.onnx` before "
                  "torch.onnx.export, for a graph that is exact for every input size")
+
+
+# --- padded batches (valid_sizes) ------------------------------------------------------------
+
+
+def kept_axes(output_size: OutputSize, rank: int) -> tuple[bool, ...]:
+    """Which spatial axes keep their (per-sample) size: the ``None`` entries of ``output_size``."""
+    if output_size is None:
+        return (True,) * rank
+    if isinstance(output_size, (tuple, list)):
+        return tuple(entry is None for entry in output_size)
+    return (False,) * rank
+
+
+def check_valid_sizes(shape: Sequence[int | None], dtype, is_integer: bool, values, spec: PoolSpec,
+                      function: str) -> None:
+    """Check ``valid_sizes`` for a call described by ``spec``.
+
+    Accepted: integers of shape ``(N, k)`` (``k`` = the spatial rank, ``N`` the batch) or,
+    for one spatial axis, ``(N,)``; with ``values`` (a NumPy array; ``None`` while a tracer
+    runs and they are unknown) every entry in ``1 .. padded size`` of its axis.
+    """
+    argument = f"{function}(valid_sizes)"
+    if not spec.batched:
+        raise _fail(ValueError, argument, _Described(f"valid sizes for an input of shape {spec.shape}"),
+                    f"a batched input (N, {'*S, C' if spec.channels_last else 'C, *S'}): valid_sizes has one "
+                    "row per sample")
+    rank, batch = spec.rank, spec.shape[0]
+    shape = tuple(shape)
+    forms = f"({batch}, {rank})" + (f" or ({batch},)" if rank == 1 else "")
+    ok = (len(shape) == 2 and shape[1] == rank) or (rank == 1 and len(shape) == 1)
+    if not ok or (batch is not None and shape[0] is not None and shape[0] != batch):
+        raise _fail(ValueError, argument, _Described(f"an array of shape {shape}"),
+                    f"shape {forms}: one row per sample of the batch, one entry per spatial axis")
+    if not is_integer:
+        raise _fail(TypeError, argument, _Described(f"an array of dtype {dtype}"),
+                    "an integer dtype (int32 or int64)")
+    if values is None:
+        return
+    import numpy as np
+
+    table = np.asarray(values).reshape(-1, rank)
+    for d, size in enumerate(spec.input_size):
+        column = table[:, d]
+        bad = np.flatnonzero((column < 1) | ((column > size) if size is not None else False))
+        if bad.size:
+            i = int(bad[0])
+            raise _fail(ValueError, argument, _Described(f"{int(column[i])} for sample {i}, spatial axis {d}"),
+                        f"a size from 1 to the padded size {size} of that axis")
+
+
+def is_integer_dtype(dtype) -> bool:
+    """Whether a dtype name (``int32``, ``torch.int64``, ``uint8`` ...) is an integer type (bool is not)."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    return name.startswith(("int", "uint"))
+
+
+def valid_sizes_not_array(valid_sizes, function: str) -> TypeError:
+    return _fail(TypeError, f"{function}(valid_sizes)", valid_sizes,
+                 "an integer array (of the input's framework or NumPy) or a nested list of ints")
+
+
+def valid_sizes_unsupported(backend: str, function: str) -> TypeError:
+    return _fail(TypeError, f"{function}(valid_sizes)", _Described(f"valid sizes for a {backend} input"),
+                 "an input of a backend that pools padded batches (NumPy, PyTorch, JAX or TensorFlow)")
+
+
+def check_prefix_mask(mask, argument: str) -> None:
+    """A mask ``(N, L)`` whose ``True`` entries are a prefix of every row (padding at the end)."""
+    import numpy as np
+
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise _fail(ValueError, argument, _Described(f"a mask of shape {mask.shape}"), "a mask (N, L) of the 1-D axis")
+    lengths = mask.sum(1)
+    bad = np.flatnonzero((mask != (np.arange(mask.shape[1]) < lengths[:, None])).any(1) | (lengths < 1))
+    if bad.size:
+        row = "".join("1" if v else "0" for v in mask[bad[0]])
+        raise _fail(ValueError, argument, _Described(f"row {int(bad[0])} = {row}"),
+                    "a mask that is True on a non-empty prefix of each sample and False after it (padding at "
+                    "the end), as Embedding(mask_zero=True) or Masking give")

@@ -22,10 +22,18 @@ def _size(text: str) -> tuple[int, ...]:
 
 
 def _explain(args) -> int:
-    from . import _bins
+    from . import _args, _bins
 
     output_size = args.output_size[0] if len(args.output_size) == 1 else args.output_size  # "7" means 7 per axis
     axes = _bins.bins(args.input_size, output_size)
+    if args.valid:  # one sample of a padded batch: its windows are those of its own (valid) size
+        rank = len(axes)
+        valid = args.valid * rank if len(args.valid) == 1 else args.valid
+        spec = _args.pool_spec((1, 1, *(b.input_size for b in axes)), tuple(b.output_size for b in axes), rank)
+        _args.check_valid_sizes((1, len(valid)), "int64", True, [valid], spec, "anypool explain")
+        print(f"one sample valid over {'x'.join(map(str, valid))} of the padded "
+              f"{'x'.join(str(b.input_size) for b in axes)}: positions past it are padding, never read")
+        axes = tuple(_bins.axis_bins(v, b.output_size) for v, b in zip(valid, axes))
     for n, b in enumerate(axes):
         pool = b.fixed_pool
         kind = ("upsampling (windows repeat)" if b.is_upsampling else "global pool" if b.is_global
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_size", type=_size, help="input spatial size, e.g. 10 or 224x224")
     p.add_argument("output_size", type=_size, help="output spatial size, e.g. 7 or 7x7")
     p.add_argument("--png", metavar="FILE", help="also draw the windows over the input grid")
+    p.add_argument("--valid", type=_size, metavar="SIZE",
+                   help="the windows of one sample of a padded batch valid over SIZE (valid_sizes), e.g. 5x3")
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("check", help="compare every installed backend with the NumPy reference")

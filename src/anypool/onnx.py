@@ -33,6 +33,10 @@ time get constant windows; when it divides, a free ``Reshape`` to ``(O, L/O)`` a
 ``ReduceSum`` (``AveragePool`` when every axis divides with a small kernel).
 float16/bfloat16 are computed in float32 and cast back; float64 stays float64.
 
+Padded batches (``valid_sizes``) export too: ``anypool::adaptive_{avg,max}_pool_valid`` take the
+per-sample sizes as a graph value (e.g. a second model input), and each sample's windows are
+built in the graph from its own sizes (dynamo exporter only).
+
 Default opset: :data:`DEFAULT_OPSET` (20, the default of ``torch.onnx.export`` in torch
 2.13).  The translations need opset >= 18 (dynamo exporter) / >= 13 (TorchScript exporter).
 
@@ -442,6 +446,124 @@ def _max_indices(e: _Emitter, y, axes: list[_Axis], lengths: list, ndim: int):
     return flat
 
 
+# --------------------------------------------------------------------------- padded batches (valid_sizes)
+# ``anypool::adaptive_{avg,max}_pool_valid(x, sizes, output_size)``: ``sizes`` is the int64
+# ``(N, 2k)`` graph value of per-sample valid input lengths, then valid output lengths.  Per
+# axis, each sample's ``(O, K)`` window table is built in the graph from ``_bins.*_expr`` on
+# its own ``(L_i, O_i)``, broadcast over the other axes and read with ``GatherElements``
+# (never the padding); ``K = ceil(padded / O) + 1`` bounds every sample's windows.  Outputs
+# ``j >= O_i`` are 0.
+
+
+def _i64(e: _Emitter, v):
+    return e.const(np.asarray(v, np.int64))
+
+
+def _dim(e: _Emitter, y, axis: int):
+    """``y.shape[axis]`` as a 1-element int64 value."""
+    return e("Gather", e("Shape", y), _i64(e, [axis]))
+
+
+def _sample_windows(e: _Emitter, sizes, d: int, rank: int, out, padded):
+    """``(index (N, O, K), valid (N, O, K), lengths (N, O), present (N, O), O·K (1,), O (1,), K (1,))``.
+
+    ``out``/``padded`` are ints or 1-element int64 values (``out`` int when static).
+    """
+    lengths_in = e.unsqueeze(e("Gather", sizes, _i64(e, d), axis=1), [1])  # (N, 1)
+    lengths_out = e.unsqueeze(e("Gather", sizes, _i64(e, rank + d), axis=1), [1])
+    o_val = _i64(e, [out]) if isinstance(out, int) else out
+    j = e("Range", _i64(e, 0), e.squeeze(o_val, [0]), _i64(e, 1))
+    ell, o = _Int(e, lengths_in), _Int(e, lengths_out)
+    present = e("Less", j, lengths_out)  # (N, O)
+    zero, one = _i64(e, 0), _i64(e, 1)
+    start = e("Where", present, _bins.start_expr(_Int(e, j), ell, o).value, zero)
+    end = e("Where", present, _bins.end_expr(_Int(e, j), ell, o).value, one)
+    if isinstance(out, int) and isinstance(padded, int):
+        k_val = _i64(e, [_bins.max_window_expr(padded, out)])
+    else:
+        pv = _Int(e, _i64(e, [padded]) if isinstance(padded, int) else padded)
+        k_val = _bins.max_window_expr(pv, _Int(e, o_val)).value
+    k = e("Range", zero, e.squeeze(k_val, [0]), one)
+    index = e("Min", e("Add", e.unsqueeze(start, [2]), k), e.unsqueeze(e("Sub", end, one), [2]))
+    lengths = e("Sub", end, start)
+    valid = e("Less", k, e.unsqueeze(lengths, [2]))
+    return index, valid, lengths, present, e("Mul", o_val, k_val), o_val, k_val
+
+
+def _place(e: _Emitter, t, axis: int, ndim: int, width: int = 2):
+    """A per-sample table ``(N, A)`` (``width`` 2) or ``(N, A, B)`` (3) at axes 0 and ``axis`` of ``ndim``."""
+    return e.unsqueeze(t, list(range(1, axis)) + list(range(axis + width - 1, ndim)))
+
+
+def _sample_gather(e: _Emitter, y, axis: int, ndim: int, index, ok, o, k):
+    """``y`` with ``axis`` replaced by ``(O, K)``: each sample reads its own window rows (``GatherElements``)."""
+    shape = e("Shape", y)
+    before, after = e("Slice", shape, _i64(e, [0]), _i64(e, [axis])), e("Slice", shape, _i64(e, [axis + 1]),
+                                                                          _i64(e, [ndim]))
+    flat = e("Reshape", index, e("Concat", _i64(e, [0]), ok, axis=0))  # (N, O·K)
+    flat = e("Expand", _place(e, flat, axis, ndim), e("Concat", before, ok, after, axis=0))
+    return e("Reshape", e("GatherElements", y, flat, axis=axis), e("Concat", before, o, k, after, axis=0))
+
+
+def _valid_output_sizes(e: _Emitter, x, output_size, ndim: int):
+    """Each output length: the int, or (an axis that keeps its size, dynamic) ``Shape(x)`` there."""
+    rank = len(output_size)
+    return [o if isinstance(o, int) else _dim(e, x, ndim - rank + d) for d, o in enumerate(output_size)]
+
+
+def build_avg_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, static):
+    """Average pooling of a padded batch ``x`` (``(N, C, *S)``) with per-sample ``sizes``."""
+    rank = len(output_size)
+    compute = _compute_dtype(dtype)
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    zero = e.const(np.zeros((), _NUMPY[compute]))
+    outs = _valid_output_sizes(e, x, output_size, ndim)
+    divisor = present = None
+    for d in range(rank):
+        a = ndim - rank + d
+        padded = static[d] if static[d] is not None else _dim(e, x, a)
+        index, valid, lengths, here, ok, o, k = _sample_windows(e, sizes, d, rank, outs[d], padded)
+        g = _sample_gather(e, y, a, ndim, index, ok, o, k)
+        y = e.reduce("ReduceSum", e("Where", _place(e, valid, a, ndim + 1, 3), g, zero), [a + 1])
+        lengths, here = _place(e, lengths, a, ndim), _place(e, here, a, ndim)
+        divisor = lengths if divisor is None else e("Mul", divisor, lengths)
+        present = here if present is None else e("And", present, here)
+    y = e("Where", present, e("Div", y, e("Cast", divisor, to=compute)), zero)
+    return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def build_max_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, static):
+    """Max pooling of a padded batch with per-sample ``sizes``: ``(values, int64 flat indices into the padded plane)``.
+
+    PyTorch's pick per axis, last spatial axis first: the first maximum, or the last NaN.
+    """
+    rank = len(output_size)
+    compute = _compute_dtype(dtype)
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    outs = _valid_output_sizes(e, x, output_size, ndim)
+    spatial = e("Slice", e("Shape", x), _i64(e, [ndim - rank]), _i64(e, [ndim]))
+    plane = e("Reshape", e("Range", _i64(e, 0), e.reduce("ReduceProd", spatial, [0]), _i64(e, 1)), spatial)
+    flat = e("Expand", e.unsqueeze(plane, list(range(ndim - rank))), e("Shape", x))
+    present = None
+    for d in reversed(range(rank)):
+        a = ndim - rank + d
+        padded = static[d] if static[d] is not None else _dim(e, x, a)
+        index, _, _, here, ok, o, k = _sample_windows(e, sizes, d, rank, outs[d], padded)
+        g = _sample_gather(e, y, a, ndim, index, ok, o, k)  # (..., O, K, ...)
+        first_max = e("ArgMax", g, axis=a + 1, keepdims=1)
+        last_nan = e("ArgMax", e("Cast", e("IsNaN", g), to=_UINT8), axis=a + 1, keepdims=1, select_last_index=1)
+        any_nan = e("IsNaN", e.reduce("ReduceL1", g, [a + 1], keepdims=1))
+        pick = e("Where", any_nan, last_nan, first_max)
+        y = e.squeeze(e("GatherElements", g, pick, axis=a + 1), [a + 1])
+        flat = e.squeeze(e("GatherElements", _sample_gather(e, flat, a, ndim, index, ok, o, k), pick, axis=a + 1),
+                         [a + 1])
+        here = _place(e, here, a, ndim)
+        present = here if present is None else e("And", present, here)
+    y = e("Where", present, y, e.const(np.zeros((), _NUMPY[compute])))
+    flat = e("Where", present, flat, _i64(e, 0))
+    return (y if compute == dtype else e("Cast", y, to=dtype)), flat
+
+
 class _ProtoEmitter(_Emitter):
     """Builds a plain ``onnx`` graph (no torch needed): the harness column and graph-level tests."""
 
@@ -523,6 +645,20 @@ def _max_translation(x, output_size):
     return build_max(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype), static)
 
 
+def _avg_valid_translation(x, sizes, output_size):
+    """dynamo exporter: ``anypool::adaptive_avg_pool_valid`` (a padded batch) as standard ONNX ops."""
+    output_size = [o if isinstance(o, int) else None for o in output_size]
+    static = [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - len(output_size):]
+    return build_avg_valid(_ScriptEmitter(), x, sizes, output_size, len(x.shape), int(x.dtype), static)
+
+
+def _max_valid_translation(x, sizes, output_size):
+    """dynamo exporter: ``anypool::adaptive_max_pool_valid`` as standard ONNX ops (values, int64 indices)."""
+    output_size = [o if isinstance(o, int) else None for o in output_size]
+    static = [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - len(output_size):]
+    return build_max_valid(_ScriptEmitter(), x, sizes, output_size, len(x.shape), int(x.dtype), static)
+
+
 def _torch_ops():
     import torch
 
@@ -534,7 +670,9 @@ def _torch_ops():
 def translation_table() -> dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     ops = _torch_ops()
-    return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation}
+    return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation,
+            ops.adaptive_avg_pool_valid.default: _avg_valid_translation,
+            ops.adaptive_max_pool_valid.default: _max_valid_translation}
 
 
 def _torchscript_symbolic(kind: str):

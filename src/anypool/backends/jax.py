@@ -181,10 +181,12 @@ def _avg_bwd(spec, dtype_carrier, g):
 _avg.defvjp(_avg_fwd, _avg_bwd)
 
 
-def avg_pool(x, spec: PoolSpec):
+def avg_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """Mean over each window: ``(…S…) → (…output_size…)`` in ``x``'s dtype (f16/bf16 accumulate in f32)."""
     if 0 in spec.output_size:
         return jnp.zeros(spec.output_shape, x.dtype)
+    if valid_sizes is not None:
+        return _avg_valid(x, spec, valid_sizes, keep)
     return _avg(x, spec)
 
 
@@ -372,11 +374,94 @@ def _max_indexed_bwd(spec, idx, cotangents):
 _max_indexed.defvjp(_max_indexed_fwd, _max_indexed_bwd)
 
 
-def max_pool(x, spec: PoolSpec, return_indices: bool = False):
+def max_pool(x, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, keep=None):
     """Max over each window; with ``return_indices`` also the flat spatial offsets (see module doc)."""
     if 0 in spec.output_size:
         values = jnp.zeros(spec.output_shape, x.dtype)
         return (values, jnp.zeros(spec.output_shape, index_dtype())) if return_indices else values
+    if valid_sizes is not None:
+        values, indices = _max_valid(x, spec, valid_sizes, keep)
+        return (values, indices) if return_indices else values
     if return_indices:
         return _max_indexed(x, spec)
     return _max(x, spec)
+
+
+# ---------------------------------------------------------------- padded batches (valid_sizes)
+# Sample ``i`` is pooled with the windows of its own ``(L_i, O_i)`` (``_bins`` expressions on
+# the traced sizes, so one ``jit`` compile serves every batch composition): each axis gathers
+# its per-sample ``(O, K)`` window table, ``K = ceil(padded / O) + 1`` bounding every sample's
+# windows.  Only valid positions are ever gathered, so padding (even NaN) never reaches a value
+# and its gradient is exactly 0 (autodiff of a gather).  Outputs ``j >= O_i`` are 0.
+
+VALID_SIZES = True
+
+
+def known_values(valid_sizes) -> np.ndarray | None:
+    """The entries of ``valid_sizes`` for the range check (``None`` under ``jit``, where they are traced)."""
+    return None if isinstance(valid_sizes, jax.core.Tracer) else np.asarray(valid_sizes)
+
+
+def as_sizes(valid_sizes, x, rank: int) -> jax.Array:
+    v = jnp.asarray(valid_sizes)
+    return v.astype(index_dtype()).reshape(v.shape[0], rank)
+
+
+def _at(t, axis: int, ndim: int):
+    """A per-sample table ``(N, A)`` or ``(N, A, B)`` placed at axes 0 and ``axis`` (, ``axis + 1``)."""
+    rest = tuple(t.shape[1:])
+    return t.reshape((t.shape[0],) + (1,) * (axis - 1) + rest + (1,) * (ndim - axis - len(rest)))
+
+
+def _gather_rows(y, axis: int, index):
+    """``y`` with ``axis`` replaced by the two axes of ``index`` ``(N, A, B)``: sample ``n`` reads its own rows."""
+    n, a, b = index.shape
+    shape = list(y.shape)
+    shape[axis] = a * b
+    picked = jnp.take_along_axis(y, jnp.broadcast_to(_at(index.reshape(n, a * b), axis, y.ndim), shape), axis=axis)
+    return picked.reshape(picked.shape[:axis] + (a, b) + picked.shape[axis + 1:])
+
+
+def _sample_windows(lengths, outs, out_size: int, padded: int):
+    """``(index (N, O, K), valid (N, O, K), window lengths (N, O), output present (N, O))`` of one axis."""
+    j = jnp.arange(out_size, dtype=lengths.dtype)
+    ell, o = lengths[:, None], outs[:, None]
+    present = j < o
+    start = jnp.where(present, _bins.start_expr(j, ell, o), 0)
+    end = jnp.where(present, _bins.end_expr(j, ell, o), 1)
+    k = jnp.arange(_bins.max_window_expr(padded, out_size), dtype=lengths.dtype)
+    return jnp.minimum(start[..., None] + k, end[..., None] - 1), k < (end - start)[..., None], end - start, present
+
+
+def _sample_outputs(valid_sizes, spec: PoolSpec, keep):
+    """Per sample the valid output lengths: the output size, or ``L_i`` on an axis that keeps its size."""
+    return jnp.stack([valid_sizes[:, d] if k else jnp.full_like(valid_sizes[:, d], o)
+                      for d, (o, k) in enumerate(zip(spec.output_size, keep))], axis=1)
+
+
+# one compiled program per call signature: eager, the many small ops would each compile on their own
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _avg_valid(x, spec: PoolSpec, valid_sizes, keep):
+    outs = _sample_outputs(valid_sizes, spec, keep)
+    y, divisor, present = x.astype(_acc_dtype(x.dtype)), None, None
+    for d, (axis, length, out) in enumerate(_axes(spec)):
+        index, valid, lengths, here = _sample_windows(valid_sizes[:, d], outs[:, d], out, length)
+        g = _gather_rows(y, axis, index)
+        y = jnp.where(_at(valid, axis, g.ndim), g, 0).sum(axis + 1)
+        lengths, here = _at(lengths, axis, y.ndim), _at(here, axis, y.ndim)
+        divisor = lengths if divisor is None else divisor * lengths
+        present = here if present is None else present & here
+    return jnp.where(present, y / divisor.astype(y.dtype), 0).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _max_valid(x, spec: PoolSpec, valid_sizes, keep):
+    # last spatial axis first, as _max_with_indices: the row-major first max / last NaN
+    outs = _sample_outputs(valid_sizes, spec, keep)
+    v, idx, present = x, _plane(spec, x.shape), None
+    for d, (axis, length, out) in reversed(list(enumerate(_axes(spec)))):
+        index, _, _, here = _sample_windows(valid_sizes[:, d], outs[:, d], out, length)
+        v, idx = _first_max(_gather_rows(v, axis, index), _gather_rows(idx, axis, index), axis + 1, index.shape[-1])
+        here = _at(here, axis, v.ndim)
+        present = here if present is None else present & here
+    return jnp.where(present, v, jnp.zeros((), v.dtype)), jnp.where(present, idx, jnp.zeros((), idx.dtype))

@@ -13,6 +13,7 @@ from .. import _bins
 from .._args import PoolSpec
 
 name = "numpy"
+VALID_SIZES = True  # pools padded batches (``valid_sizes``)
 
 
 def is_array(x) -> bool:
@@ -49,9 +50,21 @@ def squeeze(x, axes):
     return np.squeeze(x, axis=tuple(axes))
 
 
-def avg_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+def known_values(valid_sizes) -> np.ndarray:
+    """The entries of ``valid_sizes`` (for the range check; a tracing backend may not know them)."""
+    return np.asarray(valid_sizes)
+
+
+def as_sizes(valid_sizes, x, rank: int) -> np.ndarray:
+    """Checked ``valid_sizes`` as an int64 array ``(N, rank)``."""
+    return np.asarray(valid_sizes, dtype=np.int64).reshape(-1, rank)
+
+
+def avg_pool(x: np.ndarray, spec: PoolSpec, valid_sizes=None, keep=None) -> np.ndarray:
     """Mean over each window; float64 accumulation, result in ``x.dtype``."""
     x = np.asarray(x)
+    if valid_sizes is not None:
+        return _per_sample(x, spec, valid_sizes, keep, lambda crop, s: avg_pool(crop, s))
     acc = x.astype(np.float64)
     for axis, length, out in zip(spec.spatial_axes, spec.input_size, spec.output_size):
         b = _bins.axis_bins(length, out)
@@ -70,7 +83,7 @@ def avg_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
     return acc.astype(x.dtype)
 
 
-def max_pool(x: np.ndarray, spec: PoolSpec, return_indices: bool = False):
+def max_pool(x: np.ndarray, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, keep=None):
     """Max over each window; indices are flat offsets into the spatial plane.
 
     PyTorch's rule, ``take = (v > best) or isnan(v)`` scanned in row-major order:
@@ -79,6 +92,9 @@ def max_pool(x: np.ndarray, spec: PoolSpec, return_indices: bool = False):
     row-major first maximum (or last NaN) of the product window.
     """
     x = np.asarray(x)
+    if valid_sizes is not None:
+        return _per_sample(x, spec, valid_sizes, keep, lambda crop, s: max_pool(crop, s, return_indices),
+                           indices=return_indices)
     values = x
     index = None
     if return_indices:
@@ -146,3 +162,51 @@ def max_pool_grad(grad_out: np.ndarray, indices: np.ndarray, spec: PoolSpec) -> 
     np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), g)
     out = out.reshape(lead + tuple(spec.input_size))
     return np.moveaxis(out, range(len(other)), other)
+
+
+# --- padded batches: the definition itself, one cropped sample at a time ----------------------
+
+
+def _crop_spec(spec: PoolSpec, sizes, keep) -> tuple[PoolSpec, tuple[int, ...]]:
+    """The spec of one sample cropped to ``sizes`` (batch of 1), and its output size."""
+    shape = list(spec.shape)
+    shape[0] = 1
+    for axis, size in zip(spec.spatial_axes, sizes):
+        shape[axis] = int(size)
+    out = tuple(int(s) if k else o for s, o, k in zip(sizes, spec.output_size, keep))
+    return PoolSpec(tuple(shape), spec.spatial_axes, tuple(int(s) for s in sizes), out, spec.channels_last, True), out
+
+
+def _crop(a: np.ndarray, spec: PoolSpec, i: int, sizes) -> np.ndarray:
+    """Sample ``i`` of ``a`` (batch axis kept) cut to the leading ``sizes`` of the spatial axes."""
+    index = [slice(None)] * a.ndim
+    index[0] = slice(i, i + 1)
+    for axis, size in zip(spec.spatial_axes, sizes):
+        index[axis] = slice(0, int(size))
+    return a[tuple(index)]
+
+
+def _per_sample(x, spec: PoolSpec, valid_sizes, keep, pool, indices: bool = False):
+    """``pool`` on each sample cropped to its valid region, written into zeros of the padded output shape.
+
+    Indices into a crop's plane become offsets into the padded plane.
+    """
+    values = np.zeros(spec.output_shape, x.dtype)
+    index = np.zeros(spec.output_shape, np.int64) if indices else None
+    for i, sizes in enumerate(np.asarray(valid_sizes)):
+        crop_spec, out = _crop_spec(spec, sizes, keep)
+        result = pool(_crop(x, spec, i, sizes), crop_spec)
+        _crop(values, spec, i, out)[...] = result[0] if indices else result
+        if indices:
+            coords = np.unravel_index(result[1], tuple(int(s) for s in sizes))
+            _crop(index, spec, i, out)[...] = np.ravel_multi_index(coords, spec.input_size)
+    return (values, index) if indices else values
+
+
+def avg_pool_grad_valid(grad_out: np.ndarray, spec: PoolSpec, valid_sizes, keep) -> np.ndarray:
+    """Reference gradient of :func:`avg_pool` with ``valid_sizes`` (float64): the crop's gradient, 0 on padding."""
+    g = np.zeros(spec.shape)
+    for i, sizes in enumerate(np.asarray(valid_sizes)):
+        crop_spec, out = _crop_spec(spec, sizes, keep)
+        _crop(g, spec, i, sizes)[...] = avg_pool_grad(_crop(np.asarray(grad_out), spec, i, out), crop_spec)
+    return g

@@ -291,11 +291,13 @@ def _empty(x, spec: PoolSpec):
     return tf.reshape(nothing, tf.stack([tf.cast(d, tf.int64) for d in dims]))
 
 
-def avg_pool(x, spec: PoolSpec):
+def avg_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """Mean over each window: ``(…, L, …) → (…, O, …)`` per spatial axis."""
     x = tf.convert_to_tensor(x)
     if 0 in spec.output_size:
         return _empty(x, spec)
+    if valid_sizes is not None:
+        return _avg_valid(x, spec, valid_sizes, keep)
     if not _static(spec):
         return _avg_general(x, spec)
     plane, out_plane = math.prod(spec.input_size), math.prod(spec.output_size)
@@ -346,13 +348,16 @@ def _avg_kron(acc, spec: PoolSpec):
 _MATRIX_MAX_OUT = 16
 
 
-def max_pool(x, spec: PoolSpec, return_indices: bool = False):
+def max_pool(x, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, keep=None):
     """Max over each window; with ``return_indices`` also int64 flat offsets into the spatial plane
     (first max on ties, last NaN in a window holding NaN, as PyTorch)."""
     x = tf.convert_to_tensor(x)
     if 0 in spec.output_size:
         values = _empty(x, spec)
         return (values, tf.zeros_like(values, tf.int64)) if return_indices else values
+    if valid_sizes is not None:
+        values, indices = _max_valid(x, spec, valid_sizes, keep)
+        return (values, indices) if return_indices else values
     if return_indices or not _static(spec) or not x.dtype.is_floating:
         return _max_general(x, spec, return_indices)
     # TensorFlow's pooling kernels skip NaN; a NaN anywhere makes the sum NaN (so does
@@ -584,3 +589,102 @@ def _gather_rows(v, index: np.ndarray):
         return tf.gather(v, index, axis=1), grad
 
     return gather(v)
+
+
+# ---------------------------------------------------------------- padded batches (valid_sizes)
+# Sample ``i`` is pooled with the windows of its own ``(L_i, O_i)``, built in the graph from
+# ``_bins.*_expr`` on the (possibly symbolic) sizes: one ``tf.function`` trace serves every batch
+# composition and unknown spatial sizes.  Each axis gathers its per-sample ``(O, K)`` window
+# table (``tf.gather(..., batch_dims=1)``, ``K = ceil(padded / O) + 1`` bounding every
+# sample's windows), so padding (even NaN) is never read and gets gradient 0.  Outputs
+# ``j >= O_i`` are 0.
+
+VALID_SIZES = True
+
+
+def known_values(valid_sizes) -> np.ndarray | None:
+    """The entries of ``valid_sizes`` for the range check (``None`` in a graph where they are run-time values)."""
+    return tf.get_static_value(valid_sizes)
+
+
+def as_sizes(valid_sizes, x, rank: int) -> tf.Tensor:
+    return tf.reshape(tf.cast(tf.convert_to_tensor(valid_sizes), tf.int64), [-1, rank])
+
+
+def _at(t, axis: int, ndim: int) -> tf.Tensor:
+    """A per-sample table ``(N, A)`` placed at axes 0 and ``axis`` of an ``ndim`` tensor."""
+    for _ in range(axis - 1):
+        t = tf.expand_dims(t, 1)
+    for _ in range(ndim - axis - 1):
+        t = tf.expand_dims(t, -1)
+    return t
+
+
+def _sample_windows(lengths, outs, out_size, padded):
+    """``(index (N, O, K), valid (N, O, K), window lengths (N, O), output present (N, O))`` of one axis."""
+    j = tf.range(out_size, dtype=tf.int64)[None, :]
+    ell, o = lengths[:, None], outs[:, None]
+    present = j < o
+    start = tf.where(present, _bins.start_expr(j, ell, o), tf.zeros((), tf.int64))
+    end = tf.where(present, _bins.end_expr(j, ell, o), tf.ones((), tf.int64))
+    k = tf.range(_bins.max_window_expr(padded, out_size), dtype=tf.int64)
+    index = tf.minimum(start[..., None] + k, end[..., None] - 1)
+    return index, k < (end - start)[..., None], end - start, present
+
+
+def _sample_gather(y, axis: int, index):
+    """``y`` viewed ``(N, B, L, R)`` around ``axis``, each sample gathering its ``(O, K)`` rows: ``(N·B, O, K, R)``."""
+    dims = _dims(y)
+    n, before, after = dims[0], _prod(dims[1:axis]), _prod(dims[axis + 1:])
+    t = tf.reshape(y, [n, before, dims[axis], after])
+    o, k = tf.shape(index, out_type=tf.int64)[1], tf.shape(index, out_type=tf.int64)[2]
+    g = tf.gather(t, tf.reshape(index, [n, -1]), axis=2, batch_dims=1)  # (N, B, O·K, R)
+    return tf.reshape(g, [n * before, o, k, after])
+
+
+def _sample_outputs(valid_sizes, spec: PoolSpec, keep, dims):
+    outs = [valid_sizes[:, d] if kept else tf.fill(tf.shape(valid_sizes[:, d]), tf.constant(o, tf.int64))
+            for d, (o, kept) in enumerate(zip(spec.output_size, keep))]
+    return tf.stack(outs, axis=1), [dims[a] if kept or o is None else o
+                                    for a, o, kept in zip(spec.spatial_axes, spec.output_size, keep)]
+
+
+def _avg_valid(x, spec: PoolSpec, valid_sizes, keep):
+    y = x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+    outs, out_sizes = _sample_outputs(valid_sizes, spec, keep, _dims(x))
+    divisor, present = None, None
+    for d, axis in enumerate(spec.spatial_axes):
+        dims = _dims(y)
+        index, valid, lengths, here = _sample_windows(valid_sizes[:, d], outs[:, d], out_sizes[d], dims[axis])
+        g = _sample_gather(y, axis, index)
+        mask = tf.repeat(valid, _prod(dims[1:axis]), axis=0)[..., None]  # (N·B, O, K, 1)
+        y = tf.reshape(tf.reduce_sum(tf.where(mask, g, tf.zeros((), g.dtype)), axis=2),
+                       dims[:axis] + [out_sizes[d]] + dims[axis + 1:])
+        lengths, here = _at(tf.cast(lengths, y.dtype), axis, len(dims)), _at(here, axis, len(dims))
+        divisor = lengths if divisor is None else divisor * lengths
+        present = here if present is None else present & here
+    return tf.cast(tf.where(present, y / divisor, tf.zeros((), y.dtype)), x.dtype)
+
+
+def _max_valid(x, spec: PoolSpec, valid_sizes, keep):
+    # last spatial axis first, as _max_general: the row-major first max / last NaN
+    dims = _dims(x)
+    outs, out_sizes = _sample_outputs(valid_sizes, spec, keep, dims)
+    flat, stride = tf.zeros((), tf.int64), tf.ones((), tf.int64)
+    for axis in reversed(spec.spatial_axes):
+        shape = [1] * len(dims)
+        shape[axis] = -1
+        flat = flat + tf.reshape(tf.range(dims[axis], dtype=tf.int64), shape) * stride
+        stride = stride * tf.cast(dims[axis], tf.int64)
+    values, idx, present = x, tf.broadcast_to(flat, tf.shape(x, out_type=tf.int64)), None
+    for d in reversed(range(spec.rank)):
+        axis, dims = spec.spatial_axes[d], _dims(values)
+        index, _, _, here = _sample_windows(valid_sizes[:, d], outs[:, d], out_sizes[d], dims[axis])
+        t = _sample_gather(values, axis, index)
+        pick = _pick(t)
+        new_dims = dims[:axis] + [out_sizes[d]] + dims[axis + 1:]
+        values = tf.reshape(_select(t, pick), new_dims)
+        idx = tf.reshape(_select(_sample_gather(idx, axis, index), pick), new_dims)
+        here = _at(here, axis, len(dims))
+        present = here if present is None else present & here
+    return tf.where(present, values, tf.zeros((), values.dtype)), tf.where(present, idx, tf.zeros((), idx.dtype))

@@ -4,7 +4,9 @@
 ``(N, *S, C)`` or unbatched ``(*S, C)``.  The spatial rank is the length of
 ``output_size`` (an int output size needs ``spatial_dims``); the global pools
 reduce every spatial axis of a batch.  None of these has parameters or state, so
-they work unchanged inside ``nnx.jit``, ``nnx.grad`` and ``nnx.vmap``.
+they work unchanged inside ``nnx.jit``, ``nnx.grad`` and ``nnx.vmap``.  ``__call__(x,
+valid_sizes=None)`` also pools padded batches (``valid_sizes`` ``(N, k)``: each sample's
+unpadded spatial size; traced under ``jit``).
 
     import anypool.layers.flax as apf
     pool = apf.AdaptiveAvgPool((7, 7))             # (N, H, W, C) -> (N, 7, 7, C)
@@ -46,8 +48,8 @@ class AdaptiveAvgPool(_Adaptive):
     mean over ``[floor(j·L/O), ceil((j+1)·L/O))``.
     """
 
-    def __call__(self, x):
-        return anypool.adaptive_avg_pool(x, self._size(), data_format=self.data_format)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.adaptive_avg_pool(x, self._size(), data_format=self.data_format, valid_sizes=valid_sizes)
 
 
 class AdaptiveMaxPool(_Adaptive):
@@ -60,9 +62,9 @@ class AdaptiveMaxPool(_Adaptive):
         super().__init__(output_size, spatial_dims=spatial_dims, data_format=data_format)
         self.return_indices = bool(return_indices)
 
-    def __call__(self, x):
+    def __call__(self, x, valid_sizes=None):
         return anypool.adaptive_max_pool(x, self._size(), data_format=self.data_format,
-                                         return_indices=self.return_indices)
+                                         return_indices=self.return_indices, valid_sizes=valid_sizes)
 
 
 class _Global(nnx.Module):
@@ -75,12 +77,14 @@ class _Global(nnx.Module):
 class GlobalAvgPool(_Global):
     """Mean over every spatial axis: ``(N, *S, C) → (N, C)`` (``keepdims``: ``(N, 1, …, 1, C)``)."""
 
-    def __call__(self, x):
-        return anypool.global_avg_pool(x, data_format=self.data_format, keepdims=self.keepdims)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.global_avg_pool(x, data_format=self.data_format, keepdims=self.keepdims,
+                                       valid_sizes=valid_sizes)
 
 
 class GlobalMaxPool(_Global):
     """Max over every spatial axis: ``(N, *S, C) → (N, C)`` (``keepdims``: ``(N, 1, …, 1, C)``)."""
 
-    def __call__(self, x):
-        return anypool.global_max_pool(x, data_format=self.data_format, keepdims=self.keepdims)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.global_max_pool(x, data_format=self.data_format, keepdims=self.keepdims,
+                                       valid_sizes=valid_sizes)

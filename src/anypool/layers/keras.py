@@ -11,7 +11,9 @@ reduces input ``[floor(j·L/O), ceil((j+1)·L/O))``.
 ``call`` hands the backend tensor to anypool's public functions, which dispatch to
 anypool's TensorFlow, JAX or torch backend — so spatial sizes may be unknown
 (``keras.Input(shape=(None, None, C))``), and a model exports to a SavedModel with
-dynamic height and width.  The layers are registered as serialisable
+dynamic height and width.  ``call(inputs, valid_sizes=None)`` pools padded batches (``valid_sizes`` ``(N, k)``: each
+sample's unpadded spatial size); the 1-D layers also take a Keras mask (``Embedding(mask_zero=True)``,
+``Masking``) that is a prefix per sample as the same lengths.  The layers are registered as serialisable
 (``package="anypool"``): ``model.save("m.keras")`` / ``keras.models.load_model`` round-trip.
 """
 
@@ -46,11 +48,19 @@ class _AdaptivePooling(keras.layers.Layer):
         self.output_size = _args.normalize_output_size(output_size, (None,) * self.rank,
                                                        argument=f"{name}(output_size)")
         self.input_spec = keras.InputSpec(ndim=self.rank + 2)
+        self.supports_masking = self.rank == 1  # a 1-D layer reads a mask as per-sample lengths (valid_sizes)
 
-    def call(self, inputs):
+    def call(self, inputs, valid_sizes=None, mask=None):
+        if mask is not None and self.rank == 1 and valid_sizes is None:
+            valid_sizes = _mask_lengths(mask, type(self).__name__)
         if self.reduce == "avg":
-            return anypool.adaptive_avg_pool(inputs, self.output_size, data_format=self.data_format)
-        return anypool.adaptive_max_pool(inputs, self.output_size, data_format=self.data_format)
+            return anypool.adaptive_avg_pool(inputs, self.output_size, data_format=self.data_format,
+                                             valid_sizes=valid_sizes)
+        return anypool.adaptive_max_pool(inputs, self.output_size, data_format=self.data_format,
+                                         valid_sizes=valid_sizes)
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # the pooled axis has new positions: the input's mask does not apply to them
 
     def compute_output_shape(self, input_shape):
         spec = _args.pool_spec(tuple(input_shape), self.output_size, self.rank, self.data_format,
@@ -59,6 +69,18 @@ class _AdaptivePooling(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "output_size": list(self.output_size), "data_format": self.data_format}
+
+
+def _mask_lengths(mask, layer: str):
+    """A Keras mask ``(N, L)`` that is a prefix per sample (``Embedding(mask_zero=True)``, ``Masking``) as
+    ``valid_sizes`` ``(N,)``; any other mask raises (checked when its values are known, i.e. not while traced)."""
+    lengths = keras.ops.sum(keras.ops.cast(mask, "int32"), axis=1)
+    try:
+        values = keras.ops.convert_to_numpy(mask)
+    except Exception:  # a symbolic tensor (tf.function, jit): its values are only known when the graph runs
+        return lengths
+    _args.check_prefix_mask(values, f"{layer}(mask)")
+    return lengths
 
 
 def _layer(rank: int, reduce: str):

@@ -4,6 +4,8 @@ Each twin subclasses its ``torch.nn`` original and only replaces ``forward``, so
 constructor arguments, ``extra_repr``, ``state_dict`` (empty) and ``isinstance``
 checks are exactly torch's; the numbers are torch's too, computed by anypool
 (deterministic backward on every device, ``torch.compile``/``torch.export`` safe).
+``forward(input, valid_sizes=None)`` also pools padded batches: ``valid_sizes`` ``(N, k)``
+gives each sample's unpadded spatial size (see :mod:`anypool`).
 
     >>> model = anypool.layers.torch.convert(torchvision.models.resnet18())   # in place
 """
@@ -26,43 +28,46 @@ __all__ = [
 class AdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
     """``(N, C, L)`` or ``(C, L)`` → ``(…, output_size)``; as :class:`torch.nn.AdaptiveAvgPool1d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return anypool.adaptive_avg_pool1d(input, self.output_size)
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
+        return anypool.adaptive_avg_pool1d(input, self.output_size, valid_sizes=valid_sizes)
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``(N, C, H, W)`` or ``(C, H, W)`` → ``(…, *output_size)``; as :class:`torch.nn.AdaptiveAvgPool2d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return anypool.adaptive_avg_pool2d(input, self.output_size)
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
+        return anypool.adaptive_avg_pool2d(input, self.output_size, valid_sizes=valid_sizes)
 
 
 class AdaptiveAvgPool3d(nn.AdaptiveAvgPool3d):
     """``(N, C, D, H, W)`` or ``(C, D, H, W)``; as :class:`torch.nn.AdaptiveAvgPool3d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return anypool.adaptive_avg_pool3d(input, self.output_size)
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
+        return anypool.adaptive_avg_pool3d(input, self.output_size, valid_sizes=valid_sizes)
 
 
 class AdaptiveMaxPool1d(nn.AdaptiveMaxPool1d):
     """As :class:`torch.nn.AdaptiveMaxPool1d` (``return_indices`` gives int64 flat offsets)."""
 
-    def forward(self, input: torch.Tensor):
-        return anypool.adaptive_max_pool1d(input, self.output_size, return_indices=self.return_indices)
+    def forward(self, input: torch.Tensor, valid_sizes=None):
+        return anypool.adaptive_max_pool1d(input, self.output_size, return_indices=self.return_indices,
+                                            valid_sizes=valid_sizes)
 
 
 class AdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
     """As :class:`torch.nn.AdaptiveMaxPool2d` (``return_indices`` gives int64 flat offsets)."""
 
-    def forward(self, input: torch.Tensor):
-        return anypool.adaptive_max_pool2d(input, self.output_size, return_indices=self.return_indices)
+    def forward(self, input: torch.Tensor, valid_sizes=None):
+        return anypool.adaptive_max_pool2d(input, self.output_size, return_indices=self.return_indices,
+                                            valid_sizes=valid_sizes)
 
 
 class AdaptiveMaxPool3d(nn.AdaptiveMaxPool3d):
     """As :class:`torch.nn.AdaptiveMaxPool3d` (``return_indices`` gives int64 flat offsets)."""
 
-    def forward(self, input: torch.Tensor):
-        return anypool.adaptive_max_pool3d(input, self.output_size, return_indices=self.return_indices)
+    def forward(self, input: torch.Tensor, valid_sizes=None):
+        return anypool.adaptive_max_pool3d(input, self.output_size, return_indices=self.return_indices,
+                                            valid_sizes=valid_sizes)
 
 
 class _GlobalPool(nn.Module):
@@ -74,9 +79,9 @@ class _GlobalPool(nn.Module):
         self.flatten = flatten
         self.data_format = data_format
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
         pool = anypool.global_avg_pool if self._reduce == "avg" else anypool.global_max_pool
-        return pool(input, data_format=self.data_format, keepdims=not self.flatten)
+        return pool(input, data_format=self.data_format, keepdims=not self.flatten, valid_sizes=valid_sizes)
 
     def extra_repr(self) -> str:
         return f"flatten={self.flatten}, data_format={self.data_format!r}"

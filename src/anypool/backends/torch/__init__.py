@@ -17,6 +17,7 @@ from ..._args import PoolSpec, require_supported
 from . import ops
 
 name = "torch"
+VALID_SIZES = True  # pools padded batches (``valid_sizes``)
 
 _UNSUPPORTED = (torch.bool, torch.complex32, torch.complex64, torch.complex128)
 
@@ -73,15 +74,39 @@ def _back(y: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     return y if spec.batched else y.squeeze(0)
 
 
-def avg_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+def known_values(valid_sizes: torch.Tensor) -> np.ndarray | None:
+    """The entries of ``valid_sizes`` for the range check (``None`` while torch traces them)."""
+    return None if torch.compiler.is_compiling() else to_numpy(valid_sizes)
+
+
+def as_sizes(valid_sizes, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Checked ``valid_sizes`` (a tensor, NumPy array or list) as int64 ``(N, rank)`` on ``x``'s device."""
+    v = torch.as_tensor(np.asarray(valid_sizes)) if not isinstance(valid_sizes, torch.Tensor) else valid_sizes
+    return v.to(device=x.device, dtype=torch.int64).reshape(v.shape[0], rank)
+
+
+def _sizes(valid_sizes: torch.Tensor, out, keep) -> torch.Tensor:
+    """The ops' per-sample table ``(N, 2k)``: valid input lengths, then valid output lengths
+    (the output size, or the sample's own length on an axis that keeps its size)."""
+    outs = [valid_sizes[:, d] if k else torch.full_like(valid_sizes[:, d], o)
+            for d, (o, k) in enumerate(zip(out, keep))]
+    return torch.cat([valid_sizes, torch.stack(outs, 1)], 1)
+
+
+def avg_pool(x: torch.Tensor, spec: PoolSpec, valid_sizes=None, keep=None) -> torch.Tensor:
     """Mean over each window; float16/bfloat16 accumulate in float32."""
     v, out = _logical(x, spec)
+    if valid_sizes is not None:
+        return _back(ops.avg_pool_valid(v, _sizes(valid_sizes, out, keep), out), spec)
     return _back(ops.avg_pool(v, out), spec)
 
 
-def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False):
+def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, keep=None):
     """Max over each window (NaN propagates); indices are int64 flat offsets in the spatial plane."""
     require_supported(dtype_name(x), x.dtype not in _UNSUPPORTED, "adaptive_max_pool", name)
     v, out = _logical(x, spec)
-    values, indices = ops.max_pool(v, out)
+    if valid_sizes is not None:
+        values, indices = ops.max_pool_valid(v, _sizes(valid_sizes, out, keep), out)
+    else:
+        values, indices = ops.max_pool(v, out)
     return (_back(values, spec), _back(indices, spec)) if return_indices else _back(values, spec)

@@ -25,6 +25,7 @@ import torch
 
 __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward"]
 
+VALID_SIZES = True  # the kernels take per-sample sizes (see ops.py, "padded batches")
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("pool.cpp",)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -81,21 +82,30 @@ def supports(x: torch.Tensor, output_size) -> bool:
             and x.numel() > 0 and all(int(o) > 0 for o in output_size))
 
 
-def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
-    """Mean over each window: ``(N, C, *S)`` → ``(N, C, *output_size)``."""
-    return _ops.avg_forward.default(x, list(output_size))
+def avg_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each window: ``(N, C, *S)`` → ``(N, C, *output_size)``.
+
+    ``sizes`` (int64 ``(N, 2k)``: per sample the valid input, then output lengths) pools each
+    sample of a padded batch with its own windows; outputs past a sample's own are 0.
+    """
+    return _ops.avg_forward.default(x, list(output_size), _cpu(sizes))
 
 
-def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
+def avg_backward(grad_out: torch.Tensor, input_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of :func:`avg_forward`: ``gin[i] = Σ_{j covers i} g[j] / |window j|`` (a gather, deterministic)."""
-    return _ops.avg_backward.default(grad_out, [int(s) for s in input_size])
+    return _ops.avg_backward.default(grad_out, [int(s) for s in input_size], _cpu(sizes))
 
 
-def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
+def max_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Max over each window and its int64 flat index in the spatial plane (first max; last NaN)."""
-    return _ops.max_forward.default(x, list(output_size))
+    return _ops.max_forward.default(x, list(output_size), _cpu(sizes))
 
 
-def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> torch.Tensor:
+def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size,
+                 sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of :func:`max_forward`: each input sums the ``g`` of the covering outputs whose argmax it is."""
-    return _ops.max_backward.default(grad_out, indices, [int(s) for s in input_size])
+    return _ops.max_backward.default(grad_out, indices, [int(s) for s in input_size], _cpu(sizes))
+
+
+def _cpu(sizes: torch.Tensor | None) -> torch.Tensor | None:
+    return None if sizes is None else sizes.to(device="cpu", dtype=torch.int64)

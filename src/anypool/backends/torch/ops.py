@@ -297,3 +297,200 @@ def avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
 def max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``anypool::adaptive_max_pool``, run directly in plain eager mode."""
     return _run(_EagerMax, adaptive_max_pool, x, output_size)
+
+
+# --- padded batches (valid_sizes) ---------------------------------------------------------------
+# The same four ops with per-sample sizes ``sizes``: int64 ``(N, 2k)``, per sample the valid
+# input lengths then the valid output lengths (see :mod:`.portable`).  Separate ops, so the
+# schemas above (and their ONNX translations) stay as they are::
+#
+#     anypool::adaptive_avg_pool_valid(Tensor x, Tensor sizes, SymInt[] output_size) -> Tensor
+#     anypool::adaptive_max_pool_valid(Tensor x, Tensor sizes, SymInt[] output_size) -> (Tensor, Tensor)
+#     anypool::adaptive_avg_pool_valid_backward(Tensor grad_out, Tensor sizes, SymInt[] input_size) -> Tensor
+#     anypool::adaptive_max_pool_valid_backward(Tensor grad_out, Tensor indices, Tensor sizes,
+#                                               SymInt[] input_size) -> Tensor
+#
+# An implementation module serves them when it sets ``VALID_SIZES = True`` (its four functions
+# then take ``sizes=``); otherwise the portable path does.
+
+
+def _on_onnx_export_valid(output_size, op: str) -> None:
+    """As :func:`_on_onnx_export`.  A symbolic entry here is an axis that keeps its (dynamic) size, which
+    the translation reads from the run-time shape, so only the plain ints are checked."""
+    if torch.onnx.is_in_onnx_export():
+        from ... import _onnx_hook
+
+        _onnx_hook.on_export([o for o in output_size if isinstance(o, int)] or [1], op)
+
+
+def implementation_valid(x: torch.Tensor, output_size) -> ModuleType:
+    module = implementation(x, output_size)
+    return module if getattr(module, "VALID_SIZES", False) else portable
+
+
+@torch.library.custom_op("anypool::adaptive_avg_pool_valid", mutates_args=(),
+                         schema="(Tensor x, Tensor sizes, SymInt[] output_size) -> Tensor")
+def adaptive_avg_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    _on_onnx_export_valid(output_size, "anypool::adaptive_avg_pool_valid")
+    out = implementation_valid(x, output_size).avg_forward(x, output_size, sizes=sizes)
+    return _conform(out, x, output_size)
+
+
+@adaptive_avg_pool_valid.register_fake
+def _(x, sizes, output_size):
+    _on_onnx_export_valid(output_size, "anypool::adaptive_avg_pool_valid")
+    return _layout_empty(x, output_size)
+
+
+@torch.library.custom_op("anypool::adaptive_max_pool_valid", mutates_args=(),
+                         schema="(Tensor x, Tensor sizes, SymInt[] output_size) -> (Tensor, Tensor)")
+def adaptive_max_pool_valid(x: torch.Tensor, sizes: torch.Tensor,
+                            output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _on_onnx_export_valid(output_size, "anypool::adaptive_max_pool_valid")
+    values, indices = implementation_valid(x, output_size).max_forward(x, output_size, sizes=sizes)
+    return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
+
+
+@adaptive_max_pool_valid.register_fake
+def _(x, sizes, output_size):
+    _on_onnx_export_valid(output_size, "anypool::adaptive_max_pool_valid")
+    return _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
+
+
+@torch.library.custom_op("anypool::adaptive_avg_pool_valid_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor sizes, SymInt[] input_size) -> Tensor")
+def adaptive_avg_pool_valid_backward(grad_out: torch.Tensor, sizes: torch.Tensor,
+                                     input_size: list[int]) -> torch.Tensor:
+    impl = implementation_valid(grad_out, grad_out.shape[2:])
+    return _conform(impl.avg_backward(grad_out, input_size, sizes=sizes), grad_out, input_size)
+
+
+@adaptive_avg_pool_valid_backward.register_fake
+def _(grad_out, sizes, input_size):
+    return _layout_empty(grad_out, input_size)
+
+
+@torch.library.custom_op("anypool::adaptive_max_pool_valid_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor indices, Tensor sizes, SymInt[] input_size) -> Tensor")
+def adaptive_max_pool_valid_backward(grad_out: torch.Tensor, indices: torch.Tensor, sizes: torch.Tensor,
+                                     input_size: list[int]) -> torch.Tensor:
+    impl = implementation_valid(grad_out, grad_out.shape[2:])
+    return _conform(impl.max_backward(grad_out, indices, input_size, sizes=sizes), grad_out, input_size)
+
+
+@adaptive_max_pool_valid_backward.register_fake
+def _(grad_out, indices, sizes, input_size):
+    return _layout_empty(grad_out, input_size)
+
+
+def _present(sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Which outputs of ``like`` (logical ``(N, C, *O)``) exist for their sample: ``j < O_i`` on every axis."""
+    rank = like.dim() - 2
+    present = None
+    for d in range(rank):
+        j = torch.arange(like.shape[2 + d], device=like.device)
+        here = j < sizes[:, rank + d, None].to(like.device)
+        here = here.reshape((here.shape[0], 1) + (1,) * d + (here.shape[1],) + (1,) * (rank - d - 1))
+        present = here if present is None else present & here
+    return present
+
+
+def _avg_valid_setup(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape[2:])
+    ctx.save_for_backward(inputs[1])
+
+
+def _avg_valid_grad(ctx, grad):
+    (sizes,) = ctx.saved_tensors
+    return adaptive_avg_pool_valid_backward(grad, sizes, ctx.input_size), None, None
+
+
+def _avg_valid_backward_setup(ctx, inputs, output):
+    ctx.output_size = list(inputs[0].shape[2:])
+    ctx.save_for_backward(inputs[1])
+
+
+def _avg_valid_backward_grad(ctx, grad):
+    (sizes,) = ctx.saved_tensors
+    # per sample the backward is linear in grad_out; its adjoint is the forward pooling again
+    return adaptive_avg_pool_valid(grad, sizes, ctx.output_size), None, None
+
+
+def _max_valid_setup(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape[2:])
+    ctx.save_for_backward(output[1], inputs[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_valid_grad(ctx, grad_values, grad_indices):
+    indices, sizes = ctx.saved_tensors
+    return adaptive_max_pool_valid_backward(grad_values, indices, sizes, ctx.input_size), None, None
+
+
+def _max_valid_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _max_valid_backward_grad(ctx, grad):
+    indices, sizes = ctx.saved_tensors
+    # reads the incoming gradient at each argmax; outputs beyond a sample's own length read nothing
+    picked = grad.flatten(2).gather(2, indices.flatten(2)).reshape(indices.shape)
+    return torch.where(_present(sizes, indices), picked, 0), None, None, None
+
+
+adaptive_avg_pool_valid.register_autograd(_avg_valid_grad, setup_context=_avg_valid_setup)
+adaptive_avg_pool_valid_backward.register_autograd(_avg_valid_backward_grad, setup_context=_avg_valid_backward_setup)
+adaptive_max_pool_valid.register_autograd(_max_valid_grad, setup_context=_max_valid_setup)
+adaptive_max_pool_valid_backward.register_autograd(_max_valid_backward_grad, setup_context=_max_valid_backward_setup)
+
+
+class _EagerAvgValid(torch.autograd.Function):
+    @staticmethod
+    def forward(x, sizes, output_size):
+        return _conform(implementation_valid(x, output_size).avg_forward(x, output_size, sizes=sizes), x, output_size)
+
+    setup_context = staticmethod(_avg_valid_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # double backward: the differentiable op
+            return _avg_valid_grad(ctx, grad)
+        (sizes,) = ctx.saved_tensors
+        impl = implementation_valid(grad, grad.shape[2:])
+        return _conform(impl.avg_backward(grad, ctx.input_size, sizes=sizes), grad, ctx.input_size), None, None
+
+
+class _EagerMaxValid(torch.autograd.Function):
+    @staticmethod
+    def forward(x, sizes, output_size):
+        values, indices = implementation_valid(x, output_size).max_forward(x, output_size, sizes=sizes)
+        return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
+
+    setup_context = staticmethod(_max_valid_setup)
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        if torch.is_grad_enabled():
+            return _max_valid_grad(ctx, grad_values, grad_indices)
+        indices, sizes = ctx.saved_tensors
+        impl = implementation_valid(grad_values, grad_values.shape[2:])
+        grad = impl.max_backward(grad_values, indices, ctx.input_size, sizes=sizes)
+        return _conform(grad, grad_values, ctx.input_size), None, None
+
+
+def _run_valid(function: type[torch.autograd.Function], op, x: torch.Tensor, sizes: torch.Tensor, output_size):
+    if not _eager(x):
+        return op(x, sizes, output_size)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return function.apply(x, sizes, output_size)
+    return function.forward(x, sizes, output_size)
+
+
+def avg_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    """``anypool::adaptive_avg_pool_valid``, run directly in plain eager mode."""
+    return _run_valid(_EagerAvgValid, adaptive_avg_pool_valid, x, sizes, output_size)
+
+
+def max_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``anypool::adaptive_max_pool_valid``, run directly in plain eager mode."""
+    return _run_valid(_EagerMaxValid, adaptive_max_pool_valid, x, sizes, output_size)

@@ -22,6 +22,12 @@ output length ``O`` (windows from :mod:`anypool._bins`):
   divisible axis each input has one covering output, so that axis is a broadcast view.
   On the CPU (static sizes) a ``scatter_add`` instead: serial per row there, so deterministic.
 
+Padded batches: each function also takes ``sizes``, an int64 ``(N, 2k)`` tensor — per
+sample the valid input lengths ``L_i`` then the valid output lengths ``O_i`` (``O_i`` is
+the output size, or ``L_i`` on an axis that keeps its size).  Sample ``i`` is pooled with
+the windows of ``(L_i, O_i)``, gathered per sample (the padding is never read); outputs
+``j >= O_i`` are 0, and the padding's gradient is 0.
+
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
 """
@@ -126,9 +132,11 @@ def _empty(x: torch.Tensor, output_size, dtype=None) -> torch.Tensor:
     return _logical(v.new_empty(shape, dtype=dtype), cl)
 
 
-def avg_forward(x: torch.Tensor, output_size) -> torch.Tensor:
+def avg_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
     if 0 in output_size:
         return _empty(x, output_size)
+    if sizes is not None:
+        return _avg_forward_valid(x, output_size, sizes)
     v, first, cl = _physical(x)
     acc = _acc_dtype(x.dtype)
     y, divisor, divisible = v, None, []
@@ -165,12 +173,14 @@ def _spread(y: torch.Tensor, axis: int, out, length) -> torch.Tensor:
     return y.unsqueeze(axis + 1).expand(shape)
 
 
-def avg_backward(grad_out: torch.Tensor, input_size) -> torch.Tensor:
+def avg_backward(grad_out: torch.Tensor, input_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
     v, first, cl = _physical(grad_out)
     acc = _acc_dtype(grad_out.dtype)
     output_size = v.shape[first:first + len(input_size)]
     if 0 in output_size:
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
+    if sizes is not None:
+        return _avg_backward_valid(grad_out, input_size, sizes)
     divisor, gathered, spread = None, [], []
     for d, (length, out) in enumerate(zip(input_size, output_size)):
         if _static(length, out) and length == out:
@@ -214,9 +224,11 @@ def _pick(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, torch.where(any_nan, g.shape[dim] - 1 - last_from_end, first)
 
 
-def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
+def max_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if 0 in output_size:
         return _empty(x, output_size), _empty(x, output_size, torch.int64)
+    if sizes is not None:
+        return _max_forward_valid(x, output_size, sizes)
     v, first, cl = _physical(x)
     input_size = v.shape[first:first + len(output_size)]
     y, flat, stride = v, None, 1
@@ -237,13 +249,16 @@ def max_forward(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tenso
     return _logical(y, cl), _logical(flat, cl)
 
 
-def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size) -> torch.Tensor:
+def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size,
+                 sizes: torch.Tensor | None = None) -> torch.Tensor:
     v, first, cl = _physical(grad_out)
     rank = len(input_size)
     output_size = v.shape[first:first + rank]
     acc = _acc_dtype(grad_out.dtype)
     if 0 in output_size:
         return _logical(v.new_zeros(_shape_with(v, first, input_size)), cl)
+    if sizes is not None:
+        return _max_backward_valid(grad_out, indices, input_size, sizes)
     ix = indices.movedim(1, -1) if cl else indices
     g = v.to(acc)
     if g.device.type in SCATTER_DEVICES and _static(*input_size):
@@ -281,3 +296,134 @@ def _prod(sizes):
     for s in sizes:
         total = total * s
     return total
+
+
+# --- padded batches: per-sample windows ---------------------------------------------------------
+
+
+def _at(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """A per-sample table ``(N, A)`` or ``(N, A, B)`` placed at axes 0 and ``axis`` (, ``axis + 1``)."""
+    n, rest = t.shape[0], tuple(t.shape[1:])
+    return t.reshape((n,) + (1,) * (axis - 1) + rest + (1,) * (ndim - axis - len(rest)))
+
+
+def _gather_rows(y: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``axis`` replaced by the two axes of ``index`` ``(N, A, B)``: sample ``n`` reads its own rows."""
+    n, a, b = index.shape
+    shape = list(y.shape)
+    shape[axis] = a * b
+    flat = _at(index.reshape(n, a * b), axis, y.dim()).expand(shape)
+    return y.gather(axis, flat).unflatten(axis, (a, b))
+
+
+def _sample_windows(length: torch.Tensor, out: torch.Tensor, out_size, padded, device):
+    """Per sample (lengths ``(N,)``, outputs ``(N,)``) of one axis padded to ``out_size`` outputs:
+    ``(index (N, O, K), valid (N, O, K), window lengths (N, O), output present (N, O))``.
+
+    ``K = ceil(padded / O) + 1`` bounds every sample's windows (``L_i <= padded``; an axis
+    that keeps its size has windows of 1).  Outputs ``j >= O_i`` read position 0 and are dropped.
+    """
+    j = torch.arange(out_size, device=device)
+    ell, o = length[:, None], out[:, None]
+    present = j < o
+    start = torch.where(present, _bins.start_expr(j, ell, o), 0)
+    end = torch.where(present, _bins.end_expr(j, ell, o), 1)
+    k = torch.arange(_bins.max_window_expr(padded, out_size), device=device)
+    lengths = end - start
+    return torch.minimum(start[..., None] + k, end[..., None] - 1), k < lengths[..., None], lengths, present
+
+
+def _sample_covers(length: torch.Tensor, out: torch.Tensor, padded, device):
+    """Per sample of one axis: ``(index (N, L, Kc), valid (N, L, Kc))``, the outputs covering each
+    input ``i < L_i`` (none for the padding)."""
+    i = torch.arange(padded, device=device)
+    ell, o = length[:, None], out[:, None]
+    inside = i < ell
+    first = torch.where(inside, _bins.cover_first_expr(i, ell, o), 0)
+    last = torch.where(inside, _bins.cover_last_expr(i, ell, o), 0)
+    # the widest cover over the batch (concrete sizes: this path runs on real tensors)
+    k = torch.arange(int(_bins.max_cover_expr(length, out).max()), device=device)
+    return torch.minimum(first[..., None] + k, last[..., None]), (k <= (last - first)[..., None]) & inside[..., None]
+
+
+def _split(sizes: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sizes = sizes.to(torch.int64)
+    return sizes[:, :rank], sizes[:, rank:]
+
+
+def _avg_forward_valid(x: torch.Tensor, output_size, sizes: torch.Tensor) -> torch.Tensor:
+    v, first, cl = _physical(x)
+    rank = len(output_size)
+    lengths_in, lengths_out = _split(sizes.to(x.device), rank)
+    y, divisor, present = v, None, None
+    for d, out in enumerate(output_size):
+        axis = first + d
+        index, valid, lengths, here = _sample_windows(lengths_in[:, d], lengths_out[:, d], out, v.shape[axis],
+                                                      x.device)
+        g = _gather_rows(y, axis, index)
+        y = torch.where(_at(valid, axis, g.dim()), g, 0).sum(axis + 1, dtype=_acc_dtype(x.dtype))
+        lengths, here = _at(lengths, axis, y.dim()), _at(here, axis, y.dim())
+        divisor = lengths if divisor is None else divisor * lengths
+        present = here if present is None else present & here
+    return _logical(torch.where(present, y / divisor, 0).to(x.dtype), cl)
+
+
+def _avg_backward_valid(grad_out: torch.Tensor, input_size, sizes: torch.Tensor) -> torch.Tensor:
+    v, first, cl = _physical(grad_out)
+    rank = len(input_size)
+    output_size = v.shape[first:first + rank]
+    lengths_in, lengths_out = _split(sizes.to(grad_out.device), rank)
+    divisor = None
+    for d, out in enumerate(output_size):
+        _, _, lengths, _ = _sample_windows(lengths_in[:, d], lengths_out[:, d], out, input_size[d], grad_out.device)
+        lengths = _at(lengths, first + d, v.dim())
+        divisor = lengths if divisor is None else divisor * lengths
+    y = v.to(_acc_dtype(grad_out.dtype)) / divisor
+    for d in range(rank):
+        axis = first + d
+        index, valid = _sample_covers(lengths_in[:, d], lengths_out[:, d], input_size[d], grad_out.device)
+        g = _gather_rows(y, axis, index)
+        y = torch.where(_at(valid, axis, g.dim()), g, 0).sum(axis + 1)
+    return _logical(y.to(grad_out.dtype), cl)
+
+
+def _max_forward_valid(x: torch.Tensor, output_size, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    v, first, cl = _physical(x)
+    rank = len(output_size)
+    input_size = v.shape[first:first + rank]
+    lengths_in, lengths_out = _split(sizes.to(x.device), rank)
+    y, flat, stride, present = v, None, 1, None
+    for d in reversed(range(rank)):
+        axis, out = first + d, output_size[d]
+        index, _, _, here = _sample_windows(lengths_in[:, d], lengths_out[:, d], out, input_size[d], x.device)
+        g = _gather_rows(y, axis, index)  # repeats in a row never change the pick
+        y, pick = _pick(g, axis + 1)
+        y = y.squeeze(axis + 1)
+        coord = _at(index, axis, g.dim()).expand(g.shape).gather(axis + 1, pick).squeeze(axis + 1)
+        earlier = None if flat is None else _gather_rows(flat, axis, index).gather(axis + 1, pick).squeeze(axis + 1)
+        flat = coord if earlier is None else earlier + coord * stride
+        stride = stride * input_size[d]
+        here = _at(here, axis, y.dim())
+        present = here if present is None else present & here
+    return _logical(torch.where(present, y, 0), cl), _logical(torch.where(present, flat, 0), cl)
+
+
+def _max_backward_valid(grad_out: torch.Tensor, indices: torch.Tensor, input_size,
+                        sizes: torch.Tensor) -> torch.Tensor:
+    """A gather over each sample's covering ranges, keeping the outputs whose argmax is this input."""
+    v, first, cl = _physical(grad_out)
+    rank = len(input_size)
+    lengths_in, lengths_out = _split(sizes.to(grad_out.device), rank)
+    ix = indices.movedim(1, -1) if cl else indices
+    g, summed = v.to(_acc_dtype(grad_out.dtype)), []
+    for d in range(rank):
+        axis = first + 2 * d
+        index, valid = _sample_covers(lengths_in[:, d], lengths_out[:, d], input_size[d], grad_out.device)
+        g = torch.where(_at(valid, axis, g.dim() + 1), _gather_rows(g, axis, index), 0)
+        ix = _gather_rows(ix, axis, index)
+        summed.append(axis + 1)
+    plane = torch.arange(math.prod(input_size) if _static(*input_size) else _prod(input_size), device=g.device)
+    pairs = [p for size in input_size for p in (size, 1)]
+    target = plane.reshape(pairs).reshape((1,) * first + tuple(pairs) + (1,) * (g.dim() - first - len(pairs)))
+    g = torch.where(ix == target, g, 0).sum(tuple(summed), keepdim=True)
+    return _logical(g.reshape(_shape_with(v, first, input_size)).to(grad_out.dtype), cl)

@@ -15,6 +15,10 @@
 // covering it, summed in output order — no atomics, bitwise identical for any thread count.
 // Max: the first maximum in row-major order wins; a window holding NaN reports its last
 // NaN; indices are int64 flat offsets into the spatial plane.
+// Padded batches: an optional int64 `sizes` (N, 2k) gives per sample the valid input lengths
+// L_i then the valid output lengths O_i.  Each sample then uses the windows of its own
+// (L_i, O_i) (bins.h) inside the padded buffers: the padding is never read, outputs j >= O_i
+// are 0, and a backward writes 0 to the padding.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -48,8 +52,16 @@ inline int64_t max_window(const Axis& a) {
 // The canonical buffer (B, D, H, W, K) of one side (input or output) and its windows.
 struct Problem {
   int64_t B = 1, K = 1;
-  Axis d, h, w;  // L = input length, O = output length of each canonical axis
+  Axis d, h, w;  // L = input length, O = output length of each canonical axis (padded extents)
+  std::vector<Axis> samples;  // with per-sample sizes: (d, h, w) of each sample
+  int64_t per = 1;            // buffer rows b per sample (planar: C)
   int64_t blocks() const { return ceil_div(K, kBlock); }
+  bool per_sample() const { return !samples.empty(); }
+  // the windows of axis k (0 = d, 1 = h, 2 = w) for buffer row b
+  const Axis& axis(int64_t b, int k) const {
+    if (samples.empty()) return k == 0 ? d : k == 1 ? h : w;
+    return samples[3 * (b / per) + k];
+  }
   int64_t in_row() const { return w.L * K; }
   int64_t out_row() const { return w.O * K; }
 };
@@ -71,9 +83,11 @@ Tensor layout_empty(const Tensor& x, at::IntArrayRef spatial, bool cl, at::Scala
   return cl ? t.movedim(-1, 1) : t;
 }
 
-Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, bool cl, bool covers) {
+Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, bool cl, bool covers,
+                const std::optional<Tensor>& sizes = std::nullopt) {
   int64_t L[3] = {1, 1, 1}, O[3] = {1, 1, 1};
-  const bool global = std::all_of(out.begin(), out.end(), [](int64_t o) { return o == 1; });
+  // a global pool is one row of the flat plane, but a sample's valid region is not a prefix of it
+  const bool global = !sizes.has_value() && std::all_of(out.begin(), out.end(), [](int64_t o) { return o == 1; });
   if (global) {
     for (int64_t s : in) L[2] *= s;
   } else {
@@ -89,7 +103,34 @@ Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, b
   p.d = Axis(L[0], O[0], covers);
   p.h = Axis(L[1], O[1], covers);
   p.w = Axis(L[2], O[2], covers);
+  if (sizes.has_value()) {
+    const int64_t k = static_cast<int64_t>(in.size()), pad = 3 - k;
+    const Tensor t = sizes->to(at::kLong).contiguous();
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == 2 * k, "anypool_cpu: sizes must be (N, 2k) = (", N,
+                ", ", 2 * k, "), got ", t.sizes());
+    const int64_t* v = t.const_data_ptr<int64_t>();
+    p.per = cl ? 1 : C;
+    p.samples.reserve(3 * N);
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t l[3] = {1, 1, 1}, o[3] = {1, 1, 1};
+      for (int64_t a = 0; a < k; ++a) {
+        l[pad + a] = v[n * 2 * k + a];
+        o[pad + a] = v[n * 2 * k + k + a];
+        TORCH_CHECK(l[pad + a] >= 1 && l[pad + a] <= in[a] && o[pad + a] >= 1 && o[pad + a] <= out[a],
+                    "anypool_cpu: sample ", n, " has sizes (", l[pad + a], ", ", o[pad + a], ") on axis ", a,
+                    "; expected 1..", in[a], " and 1..", out[a]);
+      }
+      for (int a = 0; a < 3; ++a) p.samples.emplace_back(l[a], o[a], covers);
+    }
+  }
   return p;
+}
+
+// out[c * K + k] = 0 for the columns c0 <= c < c1 (nk channels each): outputs past a sample's own.
+template <typename T>
+inline void zero_cols(T* __restrict__ out, int64_t c0, int64_t c1, int64_t nk, int64_t K) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t k = 0; k < nk; ++k) out[c * K + k] = T(0);
 }
 
 // Calls f(n, a, b, kb) for the items lo..hi of the row-major grid (N, A, B, KB): lo is
@@ -207,27 +248,30 @@ inline void avg_row(const S* __restrict__ src, int64_t step, int64_t nk_, acc_t 
 template <typename T>
 void avg_forward_kernel(const T* x, T* y, const Problem& p) {
   using acc_t = at::opmath_type<T>;
-  const Axis &D = p.d, &H = p.h, &W = p.w;
-  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
-  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> row(W.L * std::min(p.K, kBlock));
-    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
-      const int64_t r = (n * D.O + a) * H.O + b;  // output row
+    std::vector<acc_t> row(Wp.L * std::min(p.K, kBlock));
+    for_items(lo, hi, Dp.O, Hp.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t r = (n * Dp.O + a) * Hp.O + b;  // output row
       const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
-      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      const T* xn = x + n * Dp.L * Hp.L * p.in_row() + k0;
       T* out = y + r * p.out_row() + k0;
+      const Axis &D = p.axis(n, 0), &H = p.axis(n, 1), &W = p.axis(n, 2);  // this sample's windows
+      if (a >= D.O || b >= H.O) return zero_cols(out, 0, Wp.O, nk, p.K);
+      zero_cols(out, W.O, Wp.O, nk, p.K);
       const int64_t rows = D.size(a) * H.size(b);
       with_nk(nk, [&](auto NKc) {
         constexpr int NK = decltype(NKc)::value;
         if (rows == 1) {  // one input row: its windows straight from the input
-          avg_row<NK>(xn + (D.start[a] * H.L + H.start[b]) * p.in_row(), p.K, nk, acc_t(1), W, out, p.K);
+          avg_row<NK>(xn + (D.start[a] * Hp.L + H.start[b]) * p.in_row(), p.K, nk, acc_t(1), W, out, p.K);
           return;
         }
         bool first = true;
         for (int64_t d = D.start[a]; d < D.end[a]; ++d)
           for (int64_t h = H.start[b]; h < H.end[b]; ++h, first = false)
-            add_row<NK>(xn + (d * H.L + h) * p.in_row(), p.K, W.L, nk, row.data(), first);
+            add_row<NK>(xn + (d * Hp.L + h) * p.in_row(), p.K, W.L, nk, row.data(), first);
         avg_row<NK>(row.data(), nk, nk, acc_t(rows), W, out, p.K);
       });
     });
@@ -239,13 +283,17 @@ void avg_forward_kernel(const T* x, T* y, const Problem& p) {
 template <typename T>
 void avg_backward_kernel(const T* g, T* gin, const Problem& p) {
   using acc_t = at::opmath_type<T>;
-  const Axis &D = p.d, &H = p.h, &W = p.w;
-  const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
+  const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  const int64_t KB = p.blocks(), items = p.B * Dp.L * Hp.L * KB;
   at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> acc_buffer(W.O * std::min(p.K, kBlock));
-    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
-      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+    std::vector<acc_t> acc_buffer(Wp.O * std::min(p.K, kBlock));
+    for_items(lo, hi, Dp.L, Hp.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t r = (n * Dp.L + d) * Hp.L + h;  // input row
       const int64_t k0 = kb * kBlock;
+      const Axis &D = p.axis(n, 0), &H = p.axis(n, 1), &W = p.axis(n, 2);  // this sample's windows
+      T* __restrict__ out = gin + r * p.in_row() + k0;
+      if (d >= D.L || h >= H.L) return zero_cols(out, 0, Wp.L, std::min(p.K - k0, kBlock), p.K);
+      zero_cols(out, W.L, Wp.L, std::min(p.K - k0, kBlock), p.K);
       with_nk(std::min(p.K - k0, kBlock), [&](auto NKc) {
         constexpr int NK = decltype(NKc)::value;
         const int64_t nk = NK ? NK : std::min(p.K - k0, kBlock);
@@ -254,13 +302,12 @@ void avg_backward_kernel(const T* g, T* gin, const Problem& p) {
         for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
           for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
             const int64_t rows = D.size(a) * H.size(b);
-            const T* __restrict__ gr = g + ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+            const T* __restrict__ gr = g + ((n * Dp.O + a) * Hp.O + b) * p.out_row() + k0;
             for (int64_t c = 0; c < W.O; ++c) {
               const acc_t scale = acc_t(1) / acc_t(rows * W.size(c));
               for (int64_t k = 0; k < nk; ++k) acc[c * nk + k] += static_cast<acc_t>(gr[c * p.K + k]) * scale;
             }
           }
-        T* __restrict__ out = gin + r * p.in_row() + k0;
         for (int64_t i = 0; i < W.L; ++i) {
           const acc_t* a0 = acc + W.first[i] * nk;
           if (W.stop[i] - W.first[i] == 1) {
@@ -342,26 +389,33 @@ inline void narrow_step(const T* __restrict__ xr, const int64_t* __restrict__ st
 template <typename T>
 void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   using acc_t = at::opmath_type<T>;
-  const Axis &D = p.d, &H = p.h, &W = p.w;
-  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
-  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
-    const int64_t width = W.L * std::min(p.K, kBlock);
-    const int64_t wmax = max_window(W);
-    const bool narrow = p.K == 1 && wmax <= 4;
+    const int64_t width = Wp.L * std::min(p.K, kBlock);
+    const int64_t wmax = max_window(Wp);
+    const bool narrow = p.K == 1 && wmax <= 4 && !p.per_sample();  // (its tables are the batch's)
     std::vector<int64_t> last;
     if (narrow)
-      for (int64_t c = 0; c < W.O; ++c) last.push_back(W.end[c] - 1);
-    std::vector<acc_t> best_buffer(std::max(width, W.O));
-    std::vector<int64_t> rows_buffer(std::max(width, W.O));  // flat offset of the row holding best[.]
-    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
-      const int64_t r = (n * D.O + a) * H.O + b;  // output row
+      for (int64_t c = 0; c < Wp.O; ++c) last.push_back(Wp.end[c] - 1);
+    std::vector<acc_t> best_buffer(std::max(width, Wp.O));
+    std::vector<int64_t> rows_buffer(std::max(width, Wp.O));  // flat offset of the row holding best[.]
+    for_items(lo, hi, Dp.O, Hp.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t r = (n * Dp.O + a) * Hp.O + b;  // output row
       const int64_t k0 = kb * kBlock;
-      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      const T* xn = x + n * Dp.L * Hp.L * p.in_row() + k0;
       T* out = y + r * p.out_row() + k0;
       int64_t* idx = yi + r * p.out_row() + k0;
-      const int64_t r0 = (D.start[a] * H.L + H.start[b]) * W.L;  // flat offset of the window's first row
-      const T* x0 = xn + r0 / W.L * p.in_row();
+      const Axis &D = p.axis(n, 0), &H = p.axis(n, 1), &W = p.axis(n, 2);  // this sample's windows
+      if (a >= D.O || b >= H.O) {
+        zero_cols(out, 0, Wp.O, std::min(p.K - k0, kBlock), p.K);
+        return zero_cols(idx, 0, Wp.O, std::min(p.K - k0, kBlock), p.K);
+      }
+      zero_cols(out, W.O, Wp.O, std::min(p.K - k0, kBlock), p.K);
+      zero_cols(idx, W.O, Wp.O, std::min(p.K - k0, kBlock), p.K);
+      const int64_t r0 = (D.start[a] * Hp.L + H.start[b]) * Wp.L;  // flat offset of the window's first row
+      const T* x0 = xn + r0 / Wp.L * p.in_row();
       with_nk(std::min(p.K - k0, kBlock), [&](auto NKc) {
         constexpr int NK = decltype(NKc)::value;
         const int64_t nk = NK ? NK : std::min(p.K - k0, kBlock);
@@ -379,7 +433,7 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
             bool first = true;
             for (int64_t d = D.start[a]; d < D.end[a]; ++d)
               for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
-                const int64_t rf = (d * H.L + h) * W.L;
+                const int64_t rf = (d * Hp.L + h) * Wp.L;
                 const T* __restrict__ xr = xn + rf;
                 for (int64_t u = 0; u < wmax; ++u, first = false)
                   narrow_step(xr, ws, wl, W.O, u, rf, first, bv, bf);
@@ -396,8 +450,8 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
         int64_t* rows = rows_buffer.data();
         for (int64_t d = D.start[a]; d < D.end[a]; ++d)
           for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
-            const int64_t rf = (d * H.L + h) * W.L;
-            max_into_row<NK>(xn + (d * H.L + h) * p.in_row(), p.K, W.L, nk, best, rows, rf, rf == r0);
+            const int64_t rf = (d * Hp.L + h) * Wp.L;
+            max_into_row<NK>(xn + (d * Hp.L + h) * p.in_row(), p.K, W.L, nk, best, rows, rf, rf == r0);
           }
         max_row<NK, false, T, acc_t>(best, nk, [rows, nk](int64_t i, int64_t k) { return rows[i * nk + k]; }, nk, W,
                                      out, idx, p.K);
@@ -411,30 +465,32 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
 template <typename T>
 void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p) {
   using acc_t = at::opmath_type<T>;
-  const Axis &D = p.d, &H = p.h, &W = p.w;
-  const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
+  const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  const int64_t KB = p.blocks(), items = p.B * Dp.L * Hp.L * KB;
   at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> acc_buffer(W.L * std::min(p.K, kBlock));
-    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
-      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+    std::vector<acc_t> acc_buffer(Wp.L * std::min(p.K, kBlock));
+    for_items(lo, hi, Dp.L, Hp.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t r = (n * Dp.L + d) * Hp.L + h;  // input row
       const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
-      const int64_t first = (d * H.L + h) * W.L;  // flat offset of this input row
+      const int64_t first = (d * Hp.L + h) * Wp.L;  // flat offset of this input row
+      const Axis &D = p.axis(n, 0), &H = p.axis(n, 1), &W = p.axis(n, 2);  // this sample's windows
       acc_t* __restrict__ acc = acc_buffer.data();
-      std::fill(acc, acc + W.L * nk, acc_t(0));
-      for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
-        for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
-          const int64_t o = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
-          for (int64_t c = 0; c < W.O; ++c)
-            for (int64_t k = 0; k < nk; ++k) {
-              const int64_t f = gi[o + c * p.K + k] - first;
-              if (f >= 0 && f < W.L) acc[f * nk + k] += static_cast<acc_t>(g[o + c * p.K + k]);
-            }
-        }
+      std::fill(acc, acc + Wp.L * nk, acc_t(0));
+      if (d < D.L && h < H.L)  // (the padding is no output's argmax: it stays 0)
+        for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
+          for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
+            const int64_t o = ((n * Dp.O + a) * Hp.O + b) * p.out_row() + k0;
+            for (int64_t c = 0; c < W.O; ++c)
+              for (int64_t k = 0; k < nk; ++k) {
+                const int64_t f = gi[o + c * p.K + k] - first;
+                if (f >= 0 && f < W.L) acc[f * nk + k] += static_cast<acc_t>(g[o + c * p.K + k]);
+              }
+          }
       T* __restrict__ out = gin + r * p.in_row() + k0;
       with_nk(nk, [&](auto NKc) {
         constexpr int NK = decltype(NKc)::value;
         const int64_t n_k = NK ? NK : nk;
-        for (int64_t i = 0; i < W.L; ++i)
+        for (int64_t i = 0; i < Wp.L; ++i)
           for (int64_t k = 0; k < n_k; ++k) out[i * p.K + k] = static_cast<T>(acc[i * n_k + k]);
       });
     });
@@ -454,37 +510,38 @@ void check(const Tensor& x, at::IntArrayRef sizes, const char* what) {
 #define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-Tensor avg_forward(const Tensor& x, at::IntArrayRef output_size) {
+Tensor avg_forward(const Tensor& x, at::IntArrayRef output_size, const std::optional<Tensor>& sizes) {
   check(x, output_size, "output_size");
   const bool cl = channels_last(x);
   const Tensor xp = physical(x, cl);
   Tensor out = layout_empty(x, output_size, cl, x.scalar_type());
-  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false, sizes);
   ANYPOOL_DISPATCH(x.scalar_type(), "avg_forward", [&] {
     avg_forward_kernel(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p);
   });
   return out;
 }
 
-Tensor avg_backward(const Tensor& grad_out, at::IntArrayRef input_size) {
+Tensor avg_backward(const Tensor& grad_out, at::IntArrayRef input_size, const std::optional<Tensor>& sizes) {
   check(grad_out, input_size, "input_size");
   const bool cl = channels_last(grad_out);
   const Tensor gp = physical(grad_out, cl);
   Tensor gin = layout_empty(grad_out, input_size, cl, grad_out.scalar_type());
-  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true);
+  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true, sizes);
   ANYPOOL_DISPATCH(grad_out.scalar_type(), "avg_backward", [&] {
     avg_backward_kernel(gp.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), p);
   });
   return gin;
 }
 
-std::tuple<Tensor, Tensor> max_forward(const Tensor& x, at::IntArrayRef output_size) {
+std::tuple<Tensor, Tensor> max_forward(const Tensor& x, at::IntArrayRef output_size,
+                                       const std::optional<Tensor>& sizes) {
   check(x, output_size, "output_size");
   const bool cl = channels_last(x);
   const Tensor xp = physical(x, cl);
   Tensor out = layout_empty(x, output_size, cl, x.scalar_type());
   Tensor idx = layout_empty(x, output_size, cl, at::kLong);
-  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false, sizes);
   ANYPOOL_DISPATCH(x.scalar_type(), "max_forward", [&] {
     max_forward_kernel(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                        idx.mutable_data_ptr<int64_t>(), p);
@@ -492,7 +549,8 @@ std::tuple<Tensor, Tensor> max_forward(const Tensor& x, at::IntArrayRef output_s
   return {out, idx};
 }
 
-Tensor max_backward(const Tensor& grad_out, const Tensor& indices, at::IntArrayRef input_size) {
+Tensor max_backward(const Tensor& grad_out, const Tensor& indices, at::IntArrayRef input_size,
+                    const std::optional<Tensor>& sizes) {
   check(grad_out, input_size, "input_size");
   TORCH_CHECK(indices.sizes() == grad_out.sizes() && indices.scalar_type() == at::kLong,
               "anypool_cpu: indices must be int64 of grad_out's shape");
@@ -500,7 +558,7 @@ Tensor max_backward(const Tensor& grad_out, const Tensor& indices, at::IntArrayR
   const Tensor gp = physical(grad_out, cl);
   const Tensor ip = physical(indices, cl);  // read in g's order (a copy only if the layouts differ)
   Tensor gin = layout_empty(grad_out, input_size, cl, grad_out.scalar_type());
-  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true);
+  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true, sizes);
   ANYPOOL_DISPATCH(grad_out.scalar_type(), "max_backward", [&] {
     max_backward_kernel(gp.const_data_ptr<scalar_t>(), ip.const_data_ptr<int64_t>(),
                         gin.mutable_data_ptr<scalar_t>(), p);
@@ -535,10 +593,10 @@ std::vector<int64_t> bin_at(int64_t k, int64_t L, int64_t O) {
 }  // namespace anypool
 
 TORCH_LIBRARY(anypool_cpu, m) {
-  m.def("avg_forward(Tensor x, int[] output_size) -> Tensor");
-  m.def("avg_backward(Tensor grad_out, int[] input_size) -> Tensor");
-  m.def("max_forward(Tensor x, int[] output_size) -> (Tensor, Tensor)");
-  m.def("max_backward(Tensor grad_out, Tensor indices, int[] input_size) -> Tensor");
+  m.def("avg_forward(Tensor x, int[] output_size, Tensor? sizes=None) -> Tensor");
+  m.def("avg_backward(Tensor grad_out, int[] input_size, Tensor? sizes=None) -> Tensor");
+  m.def("max_forward(Tensor x, int[] output_size, Tensor? sizes=None) -> (Tensor, Tensor)");
+  m.def("max_backward(Tensor grad_out, Tensor indices, int[] input_size, Tensor? sizes=None) -> Tensor");
   m.def("bins(int L, int O) -> Tensor", &anypool::bins);
   m.def("bin_at(int k, int L, int O) -> int[]", &anypool::bin_at);
 }

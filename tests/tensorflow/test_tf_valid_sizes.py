@@ -1,0 +1,104 @@
+"""TensorFlow with ``valid_sizes``: against the NumPy reference (held to "each cropped sample pooled alone" by
+tests/test_valid_sizes.py), eager and ``tf.function`` with unknown batch and spatial sizes, gradients."""
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import anypool  # noqa: E402
+from anypool import _args  # noqa: E402
+from anypool.backends import numpy as reference  # noqa: E402
+
+FUNCTIONS = {1: ("adaptive_avg_pool1d", "adaptive_max_pool1d"), 2: ("adaptive_avg_pool2d", "adaptive_max_pool2d"),
+             3: ("adaptive_avg_pool3d", "adaptive_max_pool3d")}
+
+
+def _case(seed, rank=None):
+    """A padded batch (channels_first or last) with NaN/±inf/huge padding, per-sample valid sizes, an output size."""
+    rng = np.random.default_rng(seed)
+    rank = rank or int(rng.integers(1, 4))
+    n, c = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+    padded = tuple(int(s) for s in rng.integers(1, 10 if rank < 3 else 6, rank))
+    valid = np.stack([rng.integers(1, s + 1, n) for s in padded], axis=1)
+    valid[0] = padded
+    if n > 1:
+        valid[1] = 1
+    out = tuple(None if k == 0 else 1 if k == 1 else int(rng.integers(1, 2 * s + 3))
+                for k, s in zip(rng.integers(0, 5, rank), padded))
+    x = np.round(rng.standard_normal((n, c, *padded)) * 4) / 4
+    for i in range(n):
+        region = np.zeros(padded, bool)
+        region[tuple(slice(0, int(s)) for s in valid[i])] = True
+        x[i][:, ~region] = rng.choice([np.nan, np.inf, -np.inf, 6e4], (c, int((~region).sum())))
+    cl = bool(rng.integers(0, 2))
+    return (np.moveaxis(x, 1, -1) if cl else x), valid, out, cl
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_eager_matches_reference(seed):
+    x, valid, out, cl = _case(seed)
+    dtype = ("float32", "float64", "float16")[seed % 3]
+    x = x.astype(dtype)
+    fmt = "channels_last" if cl else "channels_first"
+    avg, mx = FUNCTIONS[valid.shape[1]]
+    vs = tf.constant(valid, tf.int32) if seed % 2 else valid.tolist()
+    got = getattr(anypool, avg)(tf.constant(x), out, data_format=fmt, valid_sizes=vs)
+    want = getattr(anypool, avg)(x, out, data_format=fmt, valid_sizes=valid)
+    tol = {"float16": 2e-3, "float32": 2e-6, "float64": 1e-14}[dtype]  # a few ulps, relative to 1 + |want|
+    np.testing.assert_allclose(got.numpy().astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol)
+    values, index = getattr(anypool, mx)(tf.constant(x), out, data_format=fmt, valid_sizes=vs, return_indices=True)
+    want_values, want_index = getattr(anypool, mx)(x, out, data_format=fmt, valid_sizes=valid, return_indices=True)
+    np.testing.assert_array_equal(values.numpy(), want_values)
+    np.testing.assert_array_equal(index.numpy(), want_index)
+    got = anypool.global_max_pool(tf.constant(x), data_format=fmt, valid_sizes=vs)
+    np.testing.assert_array_equal(got.numpy(), anypool.global_max_pool(x, data_format=fmt, valid_sizes=valid))
+
+
+def test_tf_function_unknown_sizes_one_trace():
+    traces = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2, None, None], tf.float32),
+                                  tf.TensorSpec([None, 2], tf.int64)])
+    def f(x, v):
+        traces.append(1)
+        return (anypool.adaptive_avg_pool2d(x, (3, 2), valid_sizes=v),
+                *anypool.adaptive_max_pool2d(x, (2, None), valid_sizes=v, return_indices=True))
+
+    rng = np.random.default_rng(0)
+    for shape, valid in (((3, 2, 7, 6), [[7, 6], [1, 1], [4, 5]]), ((2, 2, 4, 9), [[2, 9], [4, 3]])):
+        x, v = rng.standard_normal(shape).astype(np.float32), np.array(valid)
+        avg, values, index = f(tf.constant(x), tf.constant(v))
+        want = anypool.adaptive_avg_pool2d(x, (3, 2), valid_sizes=v)
+        np.testing.assert_allclose(avg.numpy(), want, rtol=2e-6, atol=2e-6)
+        want_values, want_index = anypool.adaptive_max_pool2d(x, (2, None), valid_sizes=v, return_indices=True)
+        np.testing.assert_array_equal(values.numpy(), want_values)
+        np.testing.assert_array_equal(index.numpy(), want_index)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gradients_match_reference_and_vanish_on_padding(seed):
+    x, valid, out, cl = _case(50 + seed)
+    rank = valid.shape[1]
+    fmt = "channels_last" if cl else "channels_first"
+    spec = _args.pool_spec(x.shape, out, rank, fmt)
+    keep = _args.kept_axes(out, rank)
+    xt = tf.constant(x)
+    rng = np.random.default_rng(seed)
+    present = anypool.adaptive_avg_pool(np.ones_like(x), out, data_format=fmt, valid_sizes=valid) == 1
+    padding = ~np.isfinite(x) | (np.abs(x) > 1e4)
+    for function in FUNCTIONS[rank]:
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = getattr(anypool, function)(xt, out, data_format=fmt, valid_sizes=valid)
+            g = rng.standard_normal(y.shape)
+            loss = tf.reduce_sum(y * tf.constant(g))
+        grad = tape.gradient(loss, xt).numpy()
+        if function.startswith("adaptive_avg"):
+            want = reference.avg_pool_grad_valid(g, spec, valid, keep)
+        else:
+            _, idx = getattr(anypool, function)(x, out, data_format=fmt, valid_sizes=valid, return_indices=True)
+            want = reference.max_pool_grad(np.where(present, g, 0), idx, spec)
+        np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-12)
+        assert (grad[padding] == 0).all()
