@@ -122,9 +122,9 @@ def _conform(out: torch.Tensor, x: torch.Tensor, spatial, dtype=None) -> torch.T
 def _on_onnx_export(output_size, op: str) -> None:
     """During ``torch.onnx.export``: make the export exact (registers anypool's translations) or fail loudly."""
     if torch.onnx.is_in_onnx_export():
-        from ... import _onnx_hook
+        from . import export  # here, not at the top: costs nothing until an export runs
 
-        _onnx_hook.on_export(output_size, op)
+        export.on_export(output_size, op)
 
 
 
