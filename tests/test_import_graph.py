@@ -48,7 +48,7 @@ def import_graph(root: Path, package: str = "anypool") -> dict[str, dict[str, in
         here = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = graph.setdefault(name, {})
 
-        def add(target: str, line: int) -> None:
+        def add(target: str, line: int, name=name, edges=edges) -> None:
             while target and target not in known:  # `import a.b.c` binds a, loads a.b.c: use the deepest module
                 target = target.rpartition(".")[0]
             if target and target != name:
