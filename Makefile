@@ -31,7 +31,7 @@ lint: $(VENV)/.test-installed
 
 # the documentation site, into site/; a broken reference or link is an error
 docs: $(VENV)/.test-installed
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 test: $(VENV)/.test-installed lint docs
 	$(PYTEST) tests $(foreach d,$(SEPARATE),--ignore=$(d))
