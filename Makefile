@@ -58,6 +58,7 @@ dist-check: dist
 
 bench: $(VENV)/.test-installed
 	$(VENV)/bin/anypool bench --json benchmarks/cpu.json --png benchmarks/cpu.png
+	$(PY) benchmarks/render.py  # the tables of BENCHMARKS.md from the new JSON
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info

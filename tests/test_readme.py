@@ -4,6 +4,7 @@
   some pick a Keras backend).
 - The API reference covers every public module and every name in its ``__all__`` has a
   docstring; the command-line page covers every command and option of ``anypool``.
+- The suite tables of BENCHMARKS.md are what ``benchmarks/render.py`` makes of the recorded JSON.
 """
 
 import os
@@ -85,3 +86,9 @@ def test_the_command_line_page_covers_every_command_and_option():
             for flag in action.option_strings or [action.dest]:
                 if flag not in ("-h", "--help"):
                     assert f"`{flag}" in section, f"docs/api/cli.md: `anypool {name}` does not describe {flag}"
+
+
+def test_the_benchmark_tables_are_rendered_from_their_json():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
