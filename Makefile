@@ -27,7 +27,7 @@ demo: $(VENV)/.demo-installed
 	$(VENV)/bin/anypool demo
 
 lint: $(VENV)/.test-installed
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks examples)
+	$(VENV)/bin/ruff check src tests docs $(wildcard benchmarks examples)
 
 # the documentation site, into site/; a broken reference or link is an error
 docs: $(VENV)/.test-installed
