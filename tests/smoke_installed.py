@@ -68,6 +68,12 @@ def main() -> None:
     if [line.split()[:3] for line in text.splitlines()[3:]] != [["0", "0", "4"], ["1", "3", "7"], ["2", "6", "10"]]:
         sys.exit(f"FAIL anypool explain 10 3 printed:\n{text}")
     ok("cli: anypool explain 10 3")
+    if has("matplotlib"):  # the demo's photograph is matplotlib's sample data
+        with tempfile.TemporaryDirectory() as tmp:
+            run("anypool", "demo", "--output", str(Path(tmp) / "demo.png"))
+            if not (Path(tmp) / "demo.png").stat().st_size:
+                sys.exit("FAIL anypool demo wrote an empty picture")
+        ok("cli: anypool demo")
     text = run("anypool", "check", "--cases", "12")
     ok("cli: anypool check --cases 12 (" + text.strip().splitlines()[-1] + ")")
 
