@@ -9,7 +9,10 @@ TORCH_CPU ?= torch==2.13.0
 # TensorFlow and Triton must not share one (their LLVM copies clash).
 SEPARATE := tests/tensorflow tests/keras tests/triton
 
-.PHONY: demo test lint bench clean
+# dist-check installs the built wheel (not editable) here, fresh each time
+DIST_VENV := build/dist-venv
+
+.PHONY: demo test lint docs dist dist-check bench clean
 
 $(VENV)/.%-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,16 +27,38 @@ demo: $(VENV)/.demo-installed
 	$(VENV)/bin/anypool demo
 
 lint: $(VENV)/.test-installed
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks examples)
+	$(VENV)/bin/ruff check src tests docs $(wildcard benchmarks examples)
 
-test: $(VENV)/.test-installed lint
+# the documentation site, into site/; a broken reference or link is an error
+docs: $(VENV)/.test-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+test: $(VENV)/.test-installed lint docs
 	$(PYTEST) tests $(foreach d,$(SEPARATE),--ignore=$(d))
 	if [ -d tests/tensorflow ]; then KERAS_BACKEND=tensorflow $(PYTEST) tests/tensorflow; fi
 	if [ -d tests/keras ]; then for b in tensorflow jax torch; do KERAS_BACKEND=$$b $(PYTEST) tests/keras || exit 1; done; fi
 	if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTEST) tests/triton; fi
 
+# sdist and wheel into dist/
+dist: $(VENV)/.test-installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# the wheel installed in a fresh venv with the demo's frameworks, then a smoke test run
+# outside the source tree (so only the installed copy can be imported)
+dist-check: dist
+	rm -rf $(DIST_VENV)
+	python3 -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DIST_VENV)/bin/python -m pip install -q $(TORCH_CPU)
+	$(DIST_VENV)/bin/python -m pip install -q "$$(ls dist/anypool-*.whl)[demo]"
+	cp tests/smoke_installed.py build/  # run from build/: tests/ on sys.path would shadow packages (tests/triton)
+	cd build && ANYPOOL_CACHE_DIR=$(CURDIR)/build/dist-cache PATH=$(CURDIR)/$(DIST_VENV)/bin:$$PATH \
+		$(CURDIR)/$(DIST_VENV)/bin/python smoke_installed.py
+
 bench: $(VENV)/.test-installed
 	$(VENV)/bin/anypool bench --json benchmarks/cpu.json --png benchmarks/cpu.png
+	$(PY) benchmarks/render.py  # the tables of BENCHMARKS.md from the new JSON
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info

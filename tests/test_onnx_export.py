@@ -23,6 +23,7 @@ import anypool  # noqa: E402
 import anypool.onnx as aox  # noqa: E402
 from anypool import _args, _harness  # noqa: E402
 from anypool.backends import numpy as reference  # noqa: E402
+from anypool.backends import onnx as graphs  # noqa: E402
 
 OUTPUT_SIZES = {1: (5,), 2: (3, 7), 3: (2, 3, 4)}
 
@@ -153,8 +154,8 @@ def test_window_arithmetic_in_graph_matches_bins():
     from anypool import _bins
 
     for out in (1, 3, 7, 13):
-        e = aox._ProtoEmitter()
-        axis = aox._Axis(e, aox._Int(e, "L"), out)
+        e = graphs._ProtoEmitter()
+        axis = graphs._Axis(e, graphs._Int(e, "L"), out)
         outs = ["starts", "ends", "index", "valid"]
         e.nodes += [helper.make_node("Identity", [axis.get(n)], [n]) for n in outs]
         graph = helper.make_graph(e.nodes, "g", [helper.make_tensor_value_info("L", onnx.TensorProto.INT64, [])],
@@ -248,12 +249,12 @@ def test_output_size_not_static_at_export_time_is_an_error(tmp_path):
 
 
 def test_export_hook_for_the_torch_backend():
-    from anypool import _onnx_hook
+    from anypool.backends.torch import export
 
     with pytest.raises(ValueError, match=r"anypool::adaptive_max_pool\(output_size\): got \[None, 3\]"):
-        _onnx_hook.on_export([None, 3], "anypool::adaptive_max_pool")
-    assert aox.registered_with_dynamo  # so a plain dynamo export that began after `import anypool.onnx` is exact
-    _onnx_hook.on_export([2, 3], "anypool::adaptive_max_pool")  # no export running: nothing to complain about
+        export.on_export([None, 3], "anypool::adaptive_max_pool")
+    assert export.registered_with_dynamo  # so a plain dynamo export that began after `import anypool.onnx` is exact
+    export.on_export([2, 3], "anypool::adaptive_max_pool")  # no export running: nothing to complain about
 
 
 def test_verify_catches_a_wrong_graph(tmp_path):

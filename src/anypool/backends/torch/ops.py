@@ -122,9 +122,9 @@ def _conform(out: torch.Tensor, x: torch.Tensor, spatial, dtype=None) -> torch.T
 def _on_onnx_export(output_size, op: str) -> None:
     """During ``torch.onnx.export``: make the export exact (registers anypool's translations) or fail loudly."""
     if torch.onnx.is_in_onnx_export():
-        from ... import _onnx_hook
+        from . import export  # here, not at the top: costs nothing until an export runs
 
-        _onnx_hook.on_export(output_size, op)
+        export.on_export(output_size, op)
 
 
 
@@ -317,10 +317,7 @@ def max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, tor
 def _on_onnx_export_valid(output_size, op: str) -> None:
     """As :func:`_on_onnx_export`.  A symbolic entry here is an axis that keeps its (dynamic) size, which
     the translation reads from the run-time shape, so only the plain ints are checked."""
-    if torch.onnx.is_in_onnx_export():
-        from ... import _onnx_hook
-
-        _onnx_hook.on_export([o for o in output_size if isinstance(o, int)] or [1], op)
+    _on_onnx_export([o for o in output_size if isinstance(o, int)] or [1], op)
 
 
 def implementation_valid(x: torch.Tensor, output_size) -> ModuleType:
