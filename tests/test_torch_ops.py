@@ -63,23 +63,67 @@ def test_compile_dynamic_shapes_do_not_recompile():
 
 @pytest.mark.parametrize("layout", ["1d", "3d", "channels_last", "nhwc", "unbatched"])
 def test_compile_fullgraph_layouts(layout):
+    """Compiled values and gradients against torch's own ops; the output layout as anypool's eager call."""
     torch._dynamo.reset()
-    fn, x = {
-        "1d": (lambda t: anypool.adaptive_max_pool1d(t, 4) * anypool.adaptive_avg_pool1d(t, 4), torch.randn(2, 3, 9)),
-        "3d": (lambda t: anypool.adaptive_avg_pool3d(t, (2, 3, 4)), torch.randn(2, 3, 5, 7, 6)),
-        "channels_last": (lambda t: _both(t, (3, 4)),
+    fn, native, x = {
+        "1d": (lambda t: anypool.adaptive_max_pool1d(t, 4) * anypool.adaptive_avg_pool1d(t, 4),
+               lambda t: F.adaptive_max_pool1d(t, 4) * F.adaptive_avg_pool1d(t, 4), torch.randn(2, 3, 9)),
+        "3d": (lambda t: anypool.adaptive_avg_pool3d(t, (2, 3, 4)), lambda t: F.adaptive_avg_pool3d(t, (2, 3, 4)),
+               torch.randn(2, 3, 5, 7, 6)),
+        "channels_last": (lambda t: _both(t, (3, 4)), lambda t: _native_both(t, (3, 4)),
                           torch.randn(2, 3, 7, 9).contiguous(memory_format=torch.channels_last)),
-        "nhwc": (lambda t: anypool.global_avg_pool(t, data_format="channels_last"), torch.randn(2, 7, 9, 3)),
-        "unbatched": (lambda t: anypool.adaptive_max_pool2d(t, (5, 2)), torch.randn(3, 7, 9)),
+        "nhwc": (lambda t: anypool.global_avg_pool(t, data_format="channels_last"), lambda t: t.mean(dim=(1, 2)),
+                 torch.randn(2, 7, 9, 3)),
+        "unbatched": (lambda t: anypool.adaptive_max_pool2d(t, (5, 2)), lambda t: F.adaptive_max_pool2d(t, (5, 2)),
+                      torch.randn(3, 7, 9)),
     }[layout]
     x.requires_grad_()
     y = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
     (gx,) = torch.autograd.grad(y.sum(), x)
+    assert y.stride() == fn(x.detach()).stride()
     x2 = x.detach().requires_grad_()
-    want = fn(x2)
-    assert y.stride() == want.stride()
+    want = native(x2)
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(gx, torch.autograd.grad(want.sum(), x2)[0])
+
+
+@torch._dynamo.config.patch(recompile_limit=64)  # one graph per output size and layout
+def test_compiled_random_cases_against_reference():
+    """torch.compile (dynamic shapes) on the harness' random cases: values, indices and gradients against
+    the NumPy reference (max gradients placed by the reference's indices)."""
+    from anypool import _harness
+
+    torch._dynamo.reset()
+
+    def pools(t, output_size, data_format):
+        avg = anypool.adaptive_avg_pool(t, output_size, data_format=data_format)
+        values, indices = anypool.adaptive_max_pool(t, output_size, data_format=data_format, return_indices=True)
+        return avg, values, indices
+
+    compiled = torch.compile(pools, fullgraph=True, dynamic=True, backend="aot_eager")
+    cases = [c for c in _harness.random_cases(20, seed=61, dtypes=("float32", "float64"), long_length=80)
+             if c.values != "special"]
+    rng = torch.Generator().manual_seed(0)
+    for case in cases:
+        xn = case.input()
+        x = _harness.restride(torch.from_numpy(xn), case.storage).requires_grad_()
+        avg, values, indices = compiled(x, case.output_size, case.data_format)
+        what = case.describe()
+        _, problem = _harness.compare(case, "avg", avg.detach().numpy(), _harness.expected(case, xn, "avg"))
+        assert problem is None, f"avg {what}: {problem}"
+        want_max = _harness.expected(case, xn, "argmax")
+        _, problem = _harness.compare(case, "argmax", (values.detach().numpy(), indices.numpy()), want_max)
+        assert problem is None, f"argmax {what}: {problem}"
+        if avg.numel() == 0:
+            continue
+        g_avg = torch.randn(avg.shape, generator=rng, dtype=x.dtype)
+        g_max = torch.randn(values.shape, generator=rng, dtype=x.dtype)
+        grad_avg = torch.autograd.grad(avg, x, g_avg, retain_graph=True)[0]
+        grad_max = torch.autograd.grad(values, x, g_max)[0]
+        for op, got, g in (("avg", grad_avg, g_avg), ("max", grad_max, g_max)):
+            want = _harness.expected_gradient(case, op, g.numpy(), want_max[1])
+            problem = want.problem(got.numpy(), case.dtype)
+            assert problem is None, f"{op} grad {what}: {problem}"
 
 
 # --- torch.export / jit.trace ---------------------------------------------------------------------
@@ -120,9 +164,11 @@ def test_jit_trace():
     x = torch.randn(2, 3, 10, 11)
     traced = torch.jit.trace(_Net(), (x,))
     assert "anypool::adaptive_avg_pool" in str(traced.graph)
-    x2 = torch.randn(4, 3, 19, 7)
-    (avg, (v, i)), (want_avg, (want_v, want_i)) = traced(x2), _Net()(x2)
-    assert torch.equal(avg, want_avg) and torch.equal(v, want_v) and torch.equal(i, want_i)
+    x2 = torch.randn(4, 3, 19, 7)  # another size than the traced one: the windows follow it
+    avg, (v, i) = traced(x2)
+    want_v, want_i = F.adaptive_max_pool2d(x2, (3, 5), return_indices=True)
+    torch.testing.assert_close(avg, F.adaptive_avg_pool2d(x2, (3, 5)))
+    assert torch.equal(v, want_v) and torch.equal(i, want_i)
 
 
 def test_opcheck_schema_fake_and_autograd_registrations():
