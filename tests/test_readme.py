@@ -36,6 +36,12 @@ def test_snippet_runs(snippet, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[_id(s) for s in SNIPPETS])
+def test_snippet_checks_its_result(snippet):
+    """A snippet that only runs proves little: each one asserts what it claims (or verifies, or expects an error)."""
+    assert re.search(r"\bassert|\.verify\(|pytest\.raises", snippet[1]), f"{_id(snippet)} asserts nothing"
+
+
 def test_every_guide_has_a_snippet():
     for page in sorted((DOCS / "guides").glob("*.md")):
         assert "```python\n" in page.read_text(), f"{page.relative_to(ROOT)} has no Python snippet to run"
