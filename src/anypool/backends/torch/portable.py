@@ -334,7 +334,8 @@ def _power_parts(x: torch.Tensor, output_size, p, floor: float | None):
         keep = keep & mask
     u = t / scale
     terms = torch.where(keep, u.pow(p), 0)
-    count = math.prod(w.shape[a] for a in k) if mask is None else mask.sum(k, keepdim=True)
+    full = math.prod(w.shape[a] for a in k if mask is None or mask.shape[a] == 1)  # the unmasked (divisible) axes
+    count = full if mask is None else mask.sum(k, keepdim=True) * full
     return dict(v=v, first=first, cl=cl, w=w, k=k, keep=keep, scale=scale, u=u, terms=terms,
                 total=terms.sum(k, keepdim=True), count=count)
 
@@ -359,7 +360,8 @@ def _power_backward(grad_out, x, p, mean: bool, floor: float | None, p_grad: boo
         return torch.zeros_like(x), (x.new_zeros((), dtype=torch.float64) if p_grad else None)
     parts = _power_parts(x, output_size, p, floor)
     k, total = parts["k"], parts["total"]
-    g, _, _ = _physical(grad_out.to(parts["w"].dtype))
+    g = grad_out.to(parts["w"].dtype)
+    g = g.movedim(1, -1) if parts["cl"] else g  # in x's axis order, whatever grad_out's memory format
     g = g.reshape(parts["scale"].shape)  # output axes with the window axes as size 1
     y = _power_out(parts, p, mean)
     coef = torch.where(total == 0, 0, g * y / (parts["scale"] * total))  # torch's lp_pool: 0 at a zero sum
