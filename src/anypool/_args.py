@@ -289,3 +289,11 @@ def number_expected(value, argument: str) -> TypeError:
 def unsupported_reduction(function: str, backend: str) -> NotImplementedError:
     return _fail(NotImplementedError, function, _Described(f"an array of the {backend} backend"),
                  "a backend that implements this reduction (NumPy, PyTorch)")
+
+
+def input_fmt(value, function: str) -> str:
+    """timm's ``input_fmt`` ('NCHW' or 'NHWC') as a ``data_format``."""
+    formats = {"NCHW": "channels_first", "NHWC": "channels_last"}
+    if value not in formats:
+        raise _fail(ValueError, f"{function}(input_fmt)", value, "'NCHW' or 'NHWC'")
+    return formats[value]
