@@ -437,3 +437,118 @@ def test_timm_functions_float32():
     for size in (1, 3, (5, 2)):
         torch.testing.assert_close(anypool.adaptive_avgmax_pool2d(x, size), timm.adaptive_avgmax_pool2d(x, size))
         torch.testing.assert_close(anypool.adaptive_catavgmax_pool2d(x, size), timm.adaptive_catavgmax_pool2d(x, size))
+
+
+# --- torch layers -----------------------------------------------------------------------------
+
+layers = pytest.importorskip("anypool.layers.torch")
+
+
+def test_lp_and_gem_layers():
+    x = torch.randn(2, 3, 9, 7).abs()
+    for rank, shape in ((1, (2, 3, 9)), (2, (2, 3, 9, 7)), (3, (1, 2, 5, 4, 6))):
+        x = torch.randn(shape).abs()
+        lp = getattr(layers, f"AdaptiveLPPool{rank}d")(2.5, 3)
+        torch.testing.assert_close(lp(x), getattr(anypool, f"adaptive_lp_pool{rank}d")(x, 2.5, 3))
+        gem = getattr(layers, f"AdaptiveGeMPool{rank}d")(2, p=4.0)
+        assert isinstance(gem.p, torch.nn.Parameter) and list(dict(gem.named_parameters())) == ["p"]
+        torch.testing.assert_close(gem(x), getattr(anypool, f"adaptive_gem_pool{rank}d")(x, 2, p=4.0))
+        fixed = getattr(layers, f"AdaptiveGeMPool{rank}d")(2, p=4.0, p_trainable=False)
+        assert not list(fixed.parameters()) and fixed.p == 4.0
+        torch.testing.assert_close(fixed(x), gem(x))
+    assert "p=4 (trainable)" in repr(gem) and "norm_type=2.5" in repr(lp)
+    with pytest.raises(ValueError, match=r"AdaptiveGeMPool2d\(p\): got 0"):
+        layers.AdaptiveGeMPool2d(1, p=0)
+    with pytest.raises(ValueError, match=r"AdaptiveLPPool2d\(norm_type\): got -2"):
+        layers.AdaptiveLPPool2d(-2, 1)
+
+
+def test_gem_layer_learns_p():
+    """Trained towards max pooling (GeM's p -> inf limit), p grows and the loss falls."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 4, 10, 9) + 0.01
+    target = F.adaptive_max_pool2d(x, (3, 2))
+    pool = layers.AdaptiveGeMPool2d((3, 2), p=2.0)
+    opt = torch.optim.SGD(pool.parameters(), lr=20.0)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.mse_loss(pool(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert pool.p.item() > 4.0 and losses[-1] < 0.5 * losses[0]
+
+
+def test_select_adaptive_pool2d_layer_matches_timm():
+    timm = timm_pooling()
+    x = torch.randn(2, 6, 7, 5)
+    for pool_type in ("avg", "max", "avgmax", "catavgmax", "fast", "fastavgmax", "fastcatavgmax", ""):
+        for flatten in (False, True):
+            theirs = timm.SelectAdaptivePool2d(1, pool_type, flatten)
+            ours = layers.SelectAdaptivePool2d(1, pool_type, flatten)
+            assert ours.feat_mult() == theirs.feat_mult() and ours.is_identity() == theirs.is_identity()
+            torch.testing.assert_close(ours(x), theirs(x))
+            if pool_type:
+                nhwc = timm.SelectAdaptivePool2d(1, pool_type if pool_type.startswith("fast") else "fast" + pool_type,
+                                                 flatten, input_fmt="NHWC")
+                ours = layers.SelectAdaptivePool2d(1, pool_type, flatten, input_fmt="NHWC")
+                torch.testing.assert_close(ours(x.permute(0, 2, 3, 1)), nhwc(x.permute(0, 2, 3, 1)))
+    assert layers.SelectAdaptivePool2d((2, 3), "avgmax")(x).shape == (2, 6, 2, 3)
+    with pytest.raises(ValueError, match=r"SelectAdaptivePool2d\(input_fmt\): got 'NCL'"):
+        layers.SelectAdaptivePool2d(1, "avg", input_fmt="NCL")
+    with pytest.raises(ValueError, match=r"SelectAdaptivePool2d\(output_size\): got 2"):
+        layers.SelectAdaptivePool2d(2, "fast")
+
+
+def _swap_heads(model: torch.nn.Module, make) -> int:
+    """Replace every timm SelectAdaptivePool2d in ``model`` by ``make(timm_module)``; returns how many."""
+    swapped = 0
+    for sub in list(model.modules()):
+        for child_name, child in list(sub.named_children()):
+            if type(child).__name__ == "SelectAdaptivePool2d" and not isinstance(child, layers.SelectAdaptivePool2d):
+                setattr(sub, child_name, make(child))
+                swapped += 1
+    return swapped
+
+
+def _ours_like(timm_pool) -> torch.nn.Module:
+    flatten = isinstance(timm_pool.flatten, torch.nn.Flatten)
+    return layers.SelectAdaptivePool2d(1, timm_pool.pool_type, flatten)
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "avgmax", "catavgmax", "max"])
+def test_swap_into_a_convnet_with_timms_head(pool_type):
+    """A small network whose head is timm's own SelectAdaptivePool2d, swapped for ours: same outputs and grads."""
+    timm = timm_pooling()
+    torch.manual_seed(1)
+    pool = timm.SelectAdaptivePool2d(1, pool_type, flatten=True)
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3))
+    model = torch.nn.Sequential(body, pool, torch.nn.Linear(16 * pool.feat_mult(), 5))
+    x = torch.randn(2, 3, 29, 23)
+    want = model(x)
+    want.sum().backward()
+    want_grad = body[0].weight.grad.clone()
+    body.zero_grad()
+    assert _swap_heads(model, _ours_like) == 1
+    got = model(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(body[0].weight.grad, want_grad)
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "catavgmax"])
+def test_swap_into_timm_resnet18(pool_type):
+    try:
+        import timm
+    except ImportError as e:  # timm's package import needs torchvision
+        pytest.skip(f"timm cannot be imported here: {e}")
+    torch.manual_seed(2)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7, global_pool=pool_type).eval()
+    x = torch.randn(2, 3, 75, 61)
+    with torch.no_grad():
+        want = model(x)
+        assert _swap_heads(model, _ours_like) == 1
+        got = model(x)
+    assert isinstance(model.global_pool, layers.SelectAdaptivePool2d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
