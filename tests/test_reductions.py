@@ -552,3 +552,46 @@ def test_swap_into_timm_resnet18(pool_type):
         got = model(x)
     assert isinstance(model.global_pool, layers.SelectAdaptivePool2d)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- JAX (composed from its pools and gathers) ------------------------------------------------
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_jax_matches_reference(reduce):
+    jax = pytest.importorskip("jax")
+    from anypool.backends import jax as jax_backend
+
+    dtypes = [d for d in _harness.DTYPES if jax_backend.supports_dtype(d)]
+    cases = _harness.random_cases(16, seed=40 + REDUCTIONS.index(reduce), dtypes=dtypes)
+    for case in cases:
+        spec, p = case.spec, _exponent_for(case)
+        x = _case_input(case, reduce, p)
+        fn = jax.jit(functools.partial(_run_numpy, out=case.output_size, reduce=reduce, p=p, eps=0.5,
+                                       data_format=case.data_format))
+        got = fn(jax_backend.from_numpy(x, case.dtype))
+        assert got.dtype.name == case.dtype
+        window = math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
+        _check_close(np.asarray(got, np.float64), _reference64(x, spec, reduce, p, 0.5),
+                     _window_scale(x, spec, reduce), case.dtype, window, f"jax {reduce} p={p} {case.describe()}")
+
+
+def test_jax_gradients_match_torch():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(8)
+    x = np.abs(rng.standard_normal((2, 3, 9, 7))).astype(np.float32) + 0.05
+    out = (4, 3)
+
+    def jax_loss(a, q):
+        return (jnp.sum(anypool.adaptive_gem_pool2d(a, out, p=q) * 1.5)
+                + jnp.sum(anypool.adaptive_lp_pool2d(a, 3.0, out)) + jnp.sum(anypool.adaptive_avgmax_pool2d(a, out))
+                + jnp.sum(anypool.adaptive_catavgmax_pool2d(a, out)))
+
+    gx, gp = jax.grad(jax_loss, argnums=(0, 1))(jnp.asarray(x), jnp.float32(2.5))
+    t = torch.from_numpy(x).double().requires_grad_()
+    q = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    (anypool.adaptive_gem_pool2d(t, out, p=q).sum() * 1.5 + anypool.adaptive_lp_pool2d(t, 3.0, out).sum()
+     + anypool.adaptive_avgmax_pool2d(t, out).sum() + anypool.adaptive_catavgmax_pool2d(t, out).sum()).backward()
+    np.testing.assert_allclose(np.asarray(gx), t.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(gp), q.grad.item(), rtol=1e-4)

@@ -297,3 +297,9 @@ def input_fmt(value, function: str) -> str:
     if value not in formats:
         raise _fail(ValueError, f"{function}(input_fmt)", value, "'NCHW' or 'NHWC'")
     return formats[value]
+
+
+def static_spatial_size(spec: PoolSpec, function: str) -> ValueError:
+    """A reduction built from static window tables, asked for spatial sizes only known at run time."""
+    return _fail(ValueError, f"{function}(input)", _Described(f"a tensor of shape {spec.shape}"),
+                 "spatial sizes known when the graph is built (give the tf.function input_signature static H, W)")
