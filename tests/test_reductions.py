@@ -595,3 +595,37 @@ def test_jax_gradients_match_torch():
      + anypool.adaptive_avgmax_pool2d(t, out).sum() + anypool.adaptive_catavgmax_pool2d(t, out).sum()).backward()
     np.testing.assert_allclose(np.asarray(gx), t.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(gp), q.grad.item(), rtol=1e-4)
+
+
+# --- ONNX export (dynamic batch, height and width) ---------------------------------------------
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gem = layers.AdaptiveGeMPool2d((3, 2), p=2.5)
+        with torch.no_grad():
+            self.gem.p.fill_(3.25)  # "trained": the export must carry this value
+        self.lp = layers.AdaptiveLPPool2d(2.0, (2, 3))
+        self.avgmax = layers.SelectAdaptivePool2d((4, 3), "avgmax")
+        self.cat = layers.SelectAdaptivePool2d(1, "catavgmax", flatten=True)
+
+    def forward(self, x):
+        return self.gem(x), self.lp(x), self.avgmax(x), self.cat(x)
+
+
+def test_onnx_export_is_exact_for_every_size(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    aox = pytest.importorskip("anypool.onnx")
+    path = tmp_path / "heads.onnx"
+    x = torch.randn(2, 3, 11, 9)
+    aox.export(_Heads(), (x,), path, dynamic_shapes=({0: "N", 2: "H", 3: "W"},))
+
+    def want(a):
+        a = a.astype(np.float64)
+        return (anypool.adaptive_gem_pool2d(a, (3, 2), p=3.25), anypool.adaptive_lp_pool2d(a, 2.0, (2, 3)),
+                anypool.adaptive_avgmax_pool2d(a, (4, 3)), anypool.select_adaptive_pool2d(a, "catavgmax", 1, True))
+
+    shapes = [(2, 3, 11, 9), (1, 3, 7, 5), (3, 3, 12, 12), (1, 3, 2, 17), (2, 3, 4, 3)]
+    assert aox.verify(path, want, shapes, atol=1e-5) == len(shapes)

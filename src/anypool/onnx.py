@@ -332,17 +332,20 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         y = e.if_(divides, then, y_then, other, y_else, compute, ndim)
     else:
         y = _sum_axes(e, y, axes, ndim, remaining, set(), zero)
-    # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
-    if all(axis.static for axis in axes):
-        denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
-        denominator = e.const(np.asarray(denominator, _NUMPY[compute]))
-    else:
-        denominator = None
-        for i, axis in enumerate(axes):
-            lengths = e.unsqueeze(e("Cast", axis.get("lengths"), to=compute), list(range(1, rank - i)))
-            denominator = lengths if denominator is None else e("Mul", denominator, lengths)
-    y = e("Div", y, denominator)
+    y = e("Div", y, _window_sizes(e, axes, compute))  # one division, broadcast over (O_1, ..., O_r)
     return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def _window_sizes(e: _Emitter, axes: list[_Axis], compute: int):
+    """The product of the window lengths, shape ``(O_1, ..., O_r)``, in ``compute``."""
+    if all(axis.static for axis in axes):
+        sizes = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
+        return e.const(np.asarray(sizes, _NUMPY[compute]))
+    sizes = None
+    for i, axis in enumerate(axes):
+        lengths = e.unsqueeze(e("Cast", axis.get("lengths"), to=compute), list(range(1, len(axes) - i)))
+        sizes = lengths if sizes is None else e("Mul", sizes, lengths)
+    return sizes
 
 
 def _sum_axes(e: _Emitter, y, axes: list[_Axis], ndim: int, order: list[int], reshape: set[int], zero):
@@ -523,6 +526,66 @@ def _max_translation(x, output_size):
     return build_max(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype), static)
 
 
+def build_power_mean(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
+                     static: Sequence[int | None], p, mean: bool, floor: float | None):
+    """LP (``mean=False``: ``(Σ_w t^p)^(1/p)``) or GeM (``t = max(x, floor)``, ``(mean_w t^p)^(1/p)``).
+
+    Computed in float64, scaled by each plane's largest finite ``|t|`` ``M`` (``M·(Σ (t/M)^p)^(1/p)``):
+    no overflow for any ``p``; a window whose values are all below ``M·10^(-300/p)`` would underflow
+    (the C++ kernels scale by each window's own maximum instead).  ``p``: a float or a one-value
+    ONNX value (a learnt parameter, exported as its value).
+    """
+    rank = len(output_size)
+    y = e("Cast", x, to=_DOUBLE)
+    if floor is not None:  # Max(NaN, floor) may drop the NaN: Where keeps it
+        y = e("Where", e("Less", y, e.const(np.asarray(floor))), e.const(np.asarray(floor)), y)
+    spatial = list(range(ndim - rank, ndim))
+    big = e.reduce("ReduceMax", e("Abs", y), spatial, keepdims=1)
+    bad = e("Or", e("Or", e("IsNaN", big), e("IsInf", big)), e("Equal", big, e.const(np.asarray(0.0))))
+    scale = e("Where", bad, e.const(np.asarray(1.0)), big)
+    exponent = e.const(np.asarray(float(p))) if isinstance(p, (int, float)) else e("Cast", p, to=_DOUBLE)
+    powered = e("Pow", e("Div", y, scale), exponent)
+    total = build_avg(e, powered, output_size, ndim, _DOUBLE, static)
+    if not mean:
+        axes = [_Axis(e, length, out) for length, out in zip(_lengths_of(e, x, ndim, static, rank), output_size)]
+        total = e("Mul", total, _window_sizes(e, axes, _DOUBLE))
+    root = e("Pow", total, e("Div", e.const(np.asarray(1.0)), exponent))
+    return e("Cast", e("Mul", scale, root), to=dtype)
+
+
+def _static_of(x, rank: int) -> list:
+    return [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - rank:]
+
+
+def _lp_translation(x, output_size, norm_type):
+    """dynamo exporter: ``anypool::adaptive_lp_pool``."""
+    output_size = _output_size(output_size, "anypool::adaptive_lp_pool")
+    return build_power_mean(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype),
+                            _static_of(x, len(output_size)), float(norm_type), False, None)
+
+
+def _gem_translation(x, output_size, p, eps):
+    """dynamo exporter: ``anypool::adaptive_gem_pool`` (``p`` a graph value: a learnt p keeps its value)."""
+    output_size = _output_size(output_size, "anypool::adaptive_gem_pool")
+    return build_power_mean(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype),
+                            _static_of(x, len(output_size)), p, True, float(eps))
+
+
+def _avgmax_translation(x, output_size, combine):
+    """dynamo exporter: ``anypool::adaptive_avgmax_pool`` -> (0.5·(avg + max) or avg, max, int64 argmax)."""
+    output_size = _output_size(output_size, "anypool::adaptive_avgmax_pool")
+    e, dtype, ndim = _ScriptEmitter(), int(x.dtype), len(x.shape)
+    compute = _compute_dtype(dtype)
+    static = _static_of(x, len(output_size))
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    avg = build_avg(e, y, output_size, ndim, compute, static)
+    values, indices = build_max(e, y, output_size, ndim, compute, static)
+    first = e("Mul", e("Add", avg, values), e.const(np.asarray(0.5, _NUMPY[compute]))) if combine else avg
+    if compute != dtype:  # rounded once
+        first, values = e("Cast", first, to=dtype), e("Cast", values, to=dtype)
+    return first, values, indices
+
+
 def _torch_ops():
     import torch
 
@@ -534,7 +597,9 @@ def _torch_ops():
 def translation_table() -> dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     ops = _torch_ops()
-    return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation}
+    return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation,
+            ops.adaptive_lp_pool.default: _lp_translation, ops.adaptive_gem_pool.default: _gem_translation,
+            ops.adaptive_avgmax_pool.default: _avgmax_translation}
 
 
 def _torchscript_symbolic(kind: str):

@@ -320,11 +320,13 @@ def _impl(x: torch.Tensor, output_size, function: str) -> ModuleType:
 @torch.library.custom_op("anypool::adaptive_lp_pool", mutates_args=(),
                          schema="(Tensor x, int[] output_size, float norm_type) -> Tensor")
 def adaptive_lp_pool(x: torch.Tensor, output_size: list[int], norm_type: float) -> torch.Tensor:
+    _on_onnx_export(output_size, "anypool::adaptive_lp_pool")
     return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
 
 
 @adaptive_lp_pool.register_fake
 def _(x, output_size, norm_type):
+    _on_onnx_export(output_size, "anypool::adaptive_lp_pool")
     return _layout_empty(x, output_size)
 
 
@@ -343,12 +345,14 @@ def _(grad_out, x, norm_type):
 @torch.library.custom_op("anypool::adaptive_gem_pool", mutates_args=(),
                          schema="(Tensor x, int[] output_size, Tensor p, float eps) -> Tensor")
 def adaptive_gem_pool(x: torch.Tensor, output_size: list[int], p: torch.Tensor, eps: float) -> torch.Tensor:
+    _on_onnx_export(output_size, "anypool::adaptive_gem_pool")
     out = _impl(x, output_size, "gem_forward").gem_forward(x, output_size, float(p), eps)
     return _conform(out, x, output_size)
 
 
 @adaptive_gem_pool.register_fake
 def _(x, output_size, p, eps):
+    _on_onnx_export(output_size, "anypool::adaptive_gem_pool")
     return _layout_empty(x, output_size)
 
 
@@ -371,6 +375,7 @@ def _(grad_out, x, p, eps, p_grad):
                          schema="(Tensor x, int[] output_size, bool combine) -> (Tensor, Tensor, Tensor)")
 def adaptive_avgmax_pool(x: torch.Tensor, output_size: list[int],
                          combine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _on_onnx_export(output_size, "anypool::adaptive_avgmax_pool")
     first, values, indices = _impl(x, output_size, "avgmax_forward").avgmax_forward(x, output_size, combine)
     return (_conform(first, x, output_size), _conform(values, x, output_size),
             _conform(indices, x, output_size, torch.int64))
@@ -378,6 +383,7 @@ def adaptive_avgmax_pool(x: torch.Tensor, output_size: list[int],
 
 @adaptive_avgmax_pool.register_fake
 def _(x, output_size, combine):
+    _on_onnx_export(output_size, "anypool::adaptive_avgmax_pool")
     return _layout_empty(x, output_size), _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
 
 
