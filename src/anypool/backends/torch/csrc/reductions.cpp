@@ -196,8 +196,83 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
 
 // ---- avgmax: mean, max and argmax of each window in one pass -----------------------------
 
+// Contiguous spans (planar windows): sum and maximum with independent lanes, so they vectorise;
+// the argmax is then found by a short scan (first position equal to the maximum, or the last NaN).
+constexpr int kLanes = 16;
+
+template <typename acc_t, typename T>
+inline void span_sum_max(const T* __restrict__ v, int64_t n, acc_t& sum, acc_t& best, bool& nan) {
+  acc_t s[kLanes] = {}, m[kLanes];
+  bool bad[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t t = static_cast<acc_t>(v[i + l]);
+      s[l] += t;
+      m[l] = t > m[l] ? t : m[l];
+      bad[l] |= t != t;
+    }
+  for (; i < n; ++i) {
+    const acc_t t = static_cast<acc_t>(v[i]);
+    s[0] += t;
+    m[0] = t > m[0] ? t : m[0];
+    bad[0] |= t != t;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    sum += s[l];
+    best = m[l] > best ? m[l] : best;
+    nan |= bad[l];
+  }
+}
+
+template <typename T>
+void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t items = p.B * D.O * H.O;
+  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * W.L / (D.O * H.O));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    for_items(lo, hi, D.O, H.O, 1, [&](int64_t n, int64_t a, int64_t b, int64_t) {
+      const T* xn = x + n * D.L * H.L * W.L;
+      const int64_t o0 = ((n * D.O + a) * H.O + b) * W.O;
+      for (int64_t c = 0; c < W.O; ++c) {
+        acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+        bool nan = false;
+        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b]; ++h)
+            span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best, nan);
+        int64_t where = -1;  // PyTorch's pick, in row-major order
+        if (nan) {
+          for (int64_t d = D.end[a] - 1; d >= D.start[a] && where < 0; --d)
+            for (int64_t h = H.end[b] - 1; h >= H.start[b] && where < 0; --h)
+              for (int64_t i = W.end[c] - 1; i >= W.start[c]; --i)
+                if (is_nan(static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]))) {
+                  where = (d * H.L + h) * W.L + i;
+                  break;
+                }
+        } else {
+          for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
+            for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h)
+              for (int64_t i = W.start[c]; i < W.end[c]; ++i)
+                if (static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]) == best) {
+                  where = (d * H.L + h) * W.L + i;
+                  break;
+                }
+        }
+        const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
+        const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
+        ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
+        ym[o0 + c] = static_cast<T>(value);
+        yi[o0 + c] = where;
+      }
+    });
+  });
+}
+
 template <typename T>
 void avgmax_forward_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  if (p.K == 1) return avgmax_planar_kernel(x, ya, ym, yi, p, combine);
   using acc_t = at::opmath_type<T>;
   const Axis &D = p.d, &H = p.h, &W = p.w;
   const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
