@@ -33,6 +33,10 @@ time get constant windows; when it divides, a free ``Reshape`` to ``(O, L/O)`` a
 ``ReduceSum`` (``AveragePool`` when every axis divides with a small kernel).
 float16/bfloat16 are computed in float32 and cast back; float64 stays float64.
 
+The dynamo exporter also translates ``anypool::adaptive_lp_pool``, ``adaptive_gem_pool`` (a learnt
+``p`` is exported as its value) and ``adaptive_avgmax_pool`` (:func:`build_power_mean`, and the
+avg/max graphs above); the TorchScript exporter only avg and max.
+
 Default opset: :data:`DEFAULT_OPSET` (20, the default of ``torch.onnx.export`` in torch
 2.13).  The translations need opset >= 18 (dynamo exporter) / >= 13 (TorchScript exporter).
 

@@ -1,4 +1,5 @@
-"""The fast CPU path: C++ kernels (``csrc/pool.cpp``) on torch's own intra-op thread pool.
+"""The fast CPU path: C++ kernels (``csrc/pool.cpp``; LP, GeM, avgmax in ``csrc/reductions.cpp``) on torch's own
+intra-op thread pool.
 
 The kernels run through ``at::parallel_for``, so they honour ``torch.set_num_threads`` and
 share torch's OpenMP workers instead of starting a second pool beside them.  Every function

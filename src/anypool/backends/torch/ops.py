@@ -1,6 +1,6 @@
 """The ``anypool::`` custom ops: one opaque op per direction, with fake impls and autograd.
 
-Forward schemas (the ONNX exporter translates these two by name)::
+Forward schemas (the ONNX exporter translates these, and the reductions below, by name)::
 
     anypool::adaptive_avg_pool(Tensor x, int[] output_size) -> Tensor
     anypool::adaptive_max_pool(Tensor x, int[] output_size) -> (Tensor, Tensor)   # values, int64 indices
@@ -27,6 +27,9 @@ input for a forward, ``grad_out`` for a backward — and the pooled spatial size
 ``avg_forward(x, output_size)``, ``avg_backward(grad_out, input_size)``,
 ``max_forward(x, output_size) -> (values, indices)``,
 ``max_backward(grad_out, indices, input_size)``, all on logical ``(N, C, *S)`` tensors.
+The further reductions (LP, GeM, avgmax; schemas at the end of this file) ask the same module
+for ``lp_forward``/``lp_backward``, ``gem_forward``/``gem_backward`` and
+``avgmax_forward``/``avgmax_backward`` and use :mod:`.portable` where it has none.
 """
 
 from __future__ import annotations

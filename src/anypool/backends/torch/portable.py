@@ -22,6 +22,8 @@ output length ``O`` (windows from :mod:`anypool._bins`):
   divisible axis each input has one covering output, so that axis is a broadcast view.
   On the CPU (static sizes) a ``scatter_add`` instead: serial per row there, so deterministic.
 
+The further reductions (LP, GeM, avgmax; see the end of this file) follow.
+
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
 """
@@ -34,7 +36,8 @@ import torch
 
 from ... import _bins
 
-__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last"]
+__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last",
+           "lp_forward", "lp_backward", "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
 
 
 # devices whose scatter_add is deterministic by construction (serial within a row); elsewhere

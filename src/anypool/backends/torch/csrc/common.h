@@ -1,6 +1,7 @@
 // Pieces shared by the C++ kernels: the canonical (B, D, H, W, K) buffer of a logical
 // (N, C, *S) tensor, its windows, and the work-item helpers (see the comment atop pool.cpp,
-// whose layout rules these are).
+// whose layout rules these are).  reductions.cpp includes this; pool.cpp still defines the same
+// pieces in its own anonymous namespace (identical code, to be replaced by this header).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
