@@ -90,35 +90,28 @@ def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False):
 # --- more reductions ----------------------------------------------------------------------------
 
 
-def _exponent(p, x: torch.Tensor) -> torch.Tensor:
-    """GeM's ``p`` as the one-value tensor the op takes (a learnable one keeps its graph)."""
-    if isinstance(p, torch.Tensor):
-        return p.reshape(())
-    return torch.tensor(float(p), dtype=torch.float64)
-
-
 def lp_pool(x: torch.Tensor, spec: PoolSpec, norm_type: float) -> torch.Tensor:
     """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions)."""
     v, out = _logical(x, spec)
-    return _back(ops.adaptive_lp_pool(v, out, float(norm_type)), spec)
+    return _back(ops.lp_pool(v, out, float(norm_type)), spec)
 
 
 def gem_pool(x: torch.Tensor, spec: PoolSpec, p, eps: float) -> torch.Tensor:
     """``(mean_window max(x, eps)^p)^(1/p)``; a tensor ``p`` gets a gradient."""
     v, out = _logical(x, spec)
-    return _back(ops.adaptive_gem_pool(v, out, _exponent(p, x), float(eps)), spec)
+    return _back(ops.gem_pool(v, out, p, float(eps)), spec)
 
 
 def avgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     """``0.5·(avg + max)`` of each window, from one pass, rounded once."""
     v, out = _logical(x, spec)
-    return _back(ops.adaptive_avgmax_pool(v, out, True)[0], spec)
+    return _back(ops.avgmax_pool(v, out, True)[0], spec)
 
 
 def catavgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     """Averages then maxima along the channel axis (``2C`` channels), from one pass."""
     v, out = _logical(x, spec)
-    avg, values, _ = ops.adaptive_avgmax_pool(v, out, False)
+    avg, values, _ = ops.avgmax_pool(v, out, False)
     return _back(torch.cat([avg, values], 1), spec)
 
 

@@ -454,3 +454,83 @@ def _like(g: torch.Tensor, cl: bool) -> torch.Tensor:
 adaptive_lp_pool.register_autograd(_lp_grad, setup_context=_lp_setup)
 adaptive_gem_pool.register_autograd(_gem_grad, setup_context=_gem_setup)
 adaptive_avgmax_pool.register_autograd(_avgmax_grad, setup_context=_avgmax_setup)
+
+
+# --- eager fast path of the reductions (as for avg and max above) -------------------------------
+
+
+class _EagerLP(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, norm_type):
+        return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
+
+    setup_context = staticmethod(_lp_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        impl = _impl(x, grad.shape[2:], "lp_backward")
+        return _conform(impl.lp_backward(grad, x, ctx.norm_type), x, x.shape[2:]), None, None
+
+
+class _EagerGeM(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, p, eps):
+        out = _impl(x, output_size, "gem_forward").gem_forward(x, output_size, float(p), eps)
+        return _conform(out, x, output_size)
+
+    setup_context = staticmethod(_gem_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, p = ctx.saved_tensors
+        p_grad = ctx.needs_input_grad[2]
+        gin, gp = _impl(x, grad.shape[2:], "gem_backward").gem_backward(grad, x, float(p), ctx.eps, p_grad)
+        gp = gp.to(p.dtype).reshape(p.shape) if p_grad else None
+        return _conform(gin, x, x.shape[2:]), None, gp, None
+
+
+class _EagerAvgMax(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, combine):
+        first, values, indices = _impl(x, output_size, "avgmax_forward").avgmax_forward(x, output_size, combine)
+        return (_conform(first, x, output_size), _conform(values, x, output_size),
+                _conform(indices, x, output_size, torch.int64))
+
+    setup_context = staticmethod(_avgmax_setup)
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_values, grad_indices):
+        return _avgmax_grad(ctx, grad_first, grad_values, grad_indices)  # itself the eager path below
+
+
+def _exponent(p) -> torch.Tensor:
+    return p.reshape(()) if isinstance(p, torch.Tensor) else torch.tensor(float(p), dtype=torch.float64)
+
+
+def lp_pool(x: torch.Tensor, output_size: list[int], norm_type: float) -> torch.Tensor:
+    """``anypool::adaptive_lp_pool``, run directly in plain eager mode."""
+    if not _eager(x):
+        return adaptive_lp_pool(x, output_size, norm_type)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EagerLP.apply(x, output_size, norm_type)
+    return _EagerLP.forward(x, output_size, norm_type)
+
+
+def gem_pool(x: torch.Tensor, output_size: list[int], p, eps: float) -> torch.Tensor:
+    """``anypool::adaptive_gem_pool`` (``p`` a float or a one-value tensor), run directly in plain eager mode."""
+    tensor_p = isinstance(p, torch.Tensor)
+    if not _eager(x) or (tensor_p and not _eager(p)):
+        return adaptive_gem_pool(x, output_size, _exponent(p), eps)
+    if torch.is_grad_enabled() and (x.requires_grad or (tensor_p and p.requires_grad)):
+        return _EagerGeM.apply(x, output_size, _exponent(p), eps)
+    return _EagerGeM.forward(x, output_size, p, eps)
+
+
+def avgmax_pool(x: torch.Tensor, output_size: list[int], combine: bool):
+    """``anypool::adaptive_avgmax_pool``, run directly in plain eager mode."""
+    if not _eager(x):
+        return adaptive_avgmax_pool(x, output_size, combine)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EagerAvgMax.apply(x, output_size, combine)
+    return _EagerAvgMax.forward(x, output_size, combine)
