@@ -38,6 +38,11 @@ __all__ = [
     "adaptive_avg_pool", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
     "global_avg_pool", "global_max_pool", "bins", "AxisBins",
+    "adaptive_lp_pool", "adaptive_lp_pool1d", "adaptive_lp_pool2d", "adaptive_lp_pool3d",
+    "adaptive_gem_pool", "adaptive_gem_pool1d", "adaptive_gem_pool2d", "adaptive_gem_pool3d",
+    "adaptive_avgmax_pool", "adaptive_avgmax_pool1d", "adaptive_avgmax_pool2d", "adaptive_avgmax_pool3d",
+    "adaptive_catavgmax_pool", "adaptive_catavgmax_pool1d", "adaptive_catavgmax_pool2d", "adaptive_catavgmax_pool3d",
+    "select_adaptive_pool2d",
 ]
 
 
@@ -157,3 +162,158 @@ def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = 
                     valid_sizes=None):
     """Max over every spatial axis of a batch; shapes as :func:`global_avg_pool`."""
     return _global(x, data_format, keepdims, "global_max_pool", "max", valid_sizes)
+    return _global(x, data_format, keepdims, "global_max_pool", "max")
+
+
+# --- more reductions over the same windows -----------------------------------------------------
+
+
+def _reduction(x, output_size, rank, data_format, function, reduce, batched=None, **params):
+    """Check the call and run the backend's ``<reduce>_pool(x, spec, **params)``."""
+    backend = _dispatch.backend_for(x, function)
+    spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched,
+                           cache=not backend.is_tracing())
+    _args.require_floating(backend.dtype_name(x), backend.is_floating(x), function)
+    run = getattr(backend, f"{reduce}_pool", None)
+    if run is None:
+        raise _args.unsupported_reduction(function, backend.name)
+    return run(x, spec, **params)
+
+
+def _lp(x, norm_type, output_size, rank, data_format, function):
+    if _args.positive_exponent(norm_type, f"{function}(norm_type)") is None:
+        raise _args.number_expected(norm_type, f"{function}(norm_type)")
+    return _reduction(x, output_size, rank, data_format, function, "lp", norm_type=float(norm_type))
+
+
+def _gem(x, output_size, p, eps, rank, data_format, function):
+    number = _args.positive_exponent(p, f"{function}(p)")
+    eps = _args.positive_eps(eps, f"{function}(eps)")
+    return _reduction(x, output_size, rank, data_format, function, "gem", p=p if number is None else number, eps=eps)
+
+
+def adaptive_lp_pool(x, norm_type: float, output_size, *, data_format: str = "channels_first"):
+    """Adaptive power-average (LP) pooling: ``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (any spatial rank).
+
+    As ``torch.nn.functional.lp_pool2d`` over the adaptive windows: ``x^p`` with torch.pow's
+    signs (a negative ``x`` with a non-integer ``p`` gives NaN; an odd integer ``p`` keeps the
+    sign, and a negative sum then has a NaN root unless ``p = 1``), and where the sum is 0 the
+    gradient is 0.  ``norm_type``: a positive finite float.  Computed as ``m·(Σ (x/m)^p)^(1/p)``
+    with ``m`` the window's largest ``|x|``, so a large ``p`` does not overflow.
+    Shapes as :func:`adaptive_avg_pool`; floating input only.
+    """
+    rank = _args.output_rank(output_size, "adaptive_lp_pool")
+    return _lp(x, norm_type, output_size, rank, data_format, "adaptive_lp_pool")
+
+
+def adaptive_lp_pool1d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """1-D :func:`adaptive_lp_pool`."""
+    return _lp(x, norm_type, output_size, 1, data_format, "adaptive_lp_pool1d")
+
+
+def adaptive_lp_pool2d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """2-D :func:`adaptive_lp_pool`."""
+    return _lp(x, norm_type, output_size, 2, data_format, "adaptive_lp_pool2d")
+
+
+def adaptive_lp_pool3d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """3-D :func:`adaptive_lp_pool`."""
+    return _lp(x, norm_type, output_size, 3, data_format, "adaptive_lp_pool3d")
+
+
+def adaptive_gem_pool(x, output_size, p=3.0, eps: float = 1e-6, *, data_format: str = "channels_first"):
+    """Generalised-mean (GeM) pooling: ``(mean_window max(x, eps)^p)^(1/p)`` (any spatial rank).
+
+    ``p``: a positive finite float, or a one-value tensor/array of ``x``'s framework, which
+    then gets a gradient (a learnable ``p``).  ``eps``: a positive float (NaN stays NaN).
+    Shapes as :func:`adaptive_avg_pool`; floating input only; large ``p`` does not overflow.
+    """
+    rank = _args.output_rank(output_size, "adaptive_gem_pool")
+    return _gem(x, output_size, p, eps, rank, data_format, "adaptive_gem_pool")
+
+
+def adaptive_gem_pool1d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
+                        data_format: str = "channels_first"):
+    """1-D :func:`adaptive_gem_pool`."""
+    return _gem(x, output_size, p, eps, 1, data_format, "adaptive_gem_pool1d")
+
+
+def adaptive_gem_pool2d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
+                        data_format: str = "channels_first"):
+    """2-D :func:`adaptive_gem_pool`."""
+    return _gem(x, output_size, p, eps, 2, data_format, "adaptive_gem_pool2d")
+
+
+def adaptive_gem_pool3d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
+                        data_format: str = "channels_first"):
+    """3-D :func:`adaptive_gem_pool`."""
+    return _gem(x, output_size, p, eps, 3, data_format, "adaptive_gem_pool3d")
+
+
+def adaptive_avgmax_pool(x, output_size, *, data_format: str = "channels_first"):
+    """timm's avgmax: ``0.5 · (avg + max)`` over each window, rounded once (any spatial rank).
+
+    Shapes as :func:`adaptive_avg_pool`; floating input only.
+    """
+    rank = _args.output_rank(output_size, "adaptive_avgmax_pool")
+    return _reduction(x, output_size, rank, data_format, "adaptive_avgmax_pool", "avgmax")
+
+
+def adaptive_avgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """1-D :func:`adaptive_avgmax_pool`."""
+    return _reduction(x, output_size, 1, data_format, "adaptive_avgmax_pool1d", "avgmax")
+
+
+def adaptive_avgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first"):
+    """2-D :func:`adaptive_avgmax_pool` (timm's ``adaptive_avgmax_pool2d``)."""
+    return _reduction(x, output_size, 2, data_format, "adaptive_avgmax_pool2d", "avgmax")
+
+
+def adaptive_avgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """3-D :func:`adaptive_avgmax_pool`."""
+    return _reduction(x, output_size, 3, data_format, "adaptive_avgmax_pool3d", "avgmax")
+
+
+def adaptive_catavgmax_pool(x, output_size, *, data_format: str = "channels_first"):
+    """timm's catavgmax: the window averages and maxima concatenated along the channel axis.
+
+    ``C`` channels become ``2C``: the averages first, then the maxima (any spatial rank).
+    """
+    rank = _args.output_rank(output_size, "adaptive_catavgmax_pool")
+    return _reduction(x, output_size, rank, data_format, "adaptive_catavgmax_pool", "catavgmax")
+
+
+def adaptive_catavgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """1-D :func:`adaptive_catavgmax_pool`."""
+    return _reduction(x, output_size, 1, data_format, "adaptive_catavgmax_pool1d", "catavgmax")
+
+
+def adaptive_catavgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first"):
+    """2-D :func:`adaptive_catavgmax_pool` (timm's ``adaptive_catavgmax_pool2d``)."""
+    return _reduction(x, output_size, 2, data_format, "adaptive_catavgmax_pool2d", "catavgmax")
+
+
+def adaptive_catavgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+    """3-D :func:`adaptive_catavgmax_pool`."""
+    return _reduction(x, output_size, 3, data_format, "adaptive_catavgmax_pool3d", "catavgmax")
+
+
+def select_adaptive_pool2d(x, pool_type: str = "avg", output_size: OutputSize = 1, flatten: bool = False, *,
+                           data_format: str = "channels_first"):
+    """timm's selectable pooling of a batch ``(N, C, H, W)`` (or ``(N, H, W, C)``).
+
+    ``pool_type``: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` (``2C`` channels), the
+    ``'fast…'`` spellings of the same (global pools: ``output_size`` must be 1; ``'fast'`` is
+    avg), or ``''`` for no pooling.  ``flatten`` then flattens every axis after the batch axis,
+    as timm's ``nn.Flatten(1)``.
+    """
+    function = "select_adaptive_pool2d"
+    kind = _args.pool_type(pool_type, function)
+    backend = _dispatch.backend_for(x, function)
+    if kind:
+        if kind.startswith("fast"):
+            _args.fast_output_size(output_size, kind, function)
+            kind = kind.removeprefix("fast") or "avg"
+        x = _reduction(x, output_size, 2, data_format, function, kind, batched=True) if kind != "max" else \
+            _pool(x, output_size, 2, data_format, function, "max", batched=True)[0]
+    return backend.flatten(x) if flatten else x

@@ -130,6 +130,11 @@ class PoolSpec:
     def data_format(self) -> str:
         return DATA_FORMATS[self.channels_last]
 
+    @property
+    def channel_axis(self) -> int:
+        """The (non-negative) channel axis: catavgmax concatenates along it."""
+        return len(self.shape) - 1 if self.channels_last else int(self.batched)
+
 
 def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
               data_format: str = "channels_first", *, function: str = "adaptive pool",
@@ -302,3 +307,78 @@ def check_prefix_mask(mask, argument: str) -> None:
         raise _fail(ValueError, argument, _Described(f"row {int(bad[0])} = {row}"),
                     "a mask that is True on a non-empty prefix of each sample and False after it (padding at "
                     "the end), as Embedding(mask_zero=True) or Masking give")
+# --- the reductions beyond avg and max ---------------------------------------------------------
+
+POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
+
+
+def positive_exponent(value, argument: str) -> float | None:
+    """An LP ``norm_type`` or GeM ``p`` given as a number: a positive finite float (returned as float).
+
+    A tensor or array (a learnable ``p``) must hold one value; it is returned as ``None`` (its value is
+    only read where the backend computes, so that a traced or device-resident ``p`` is not forced to the host).
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        raise _fail(TypeError, argument, value, "a positive finite float")
+    if isinstance(value, numbers.Real):
+        if not (0 < float(value) < float("inf")):
+            raise _fail(ValueError, argument, value, "a positive finite float")
+        return float(value)
+    try:
+        shape = tuple(int(d) for d in value.shape)
+    except (AttributeError, TypeError):
+        raise _fail(TypeError, argument, value, "a positive finite float or an array holding one value") from None
+    count = 1
+    for d in shape:
+        count *= d
+    if count != 1 or len(shape) > 1:
+        raise _fail(ValueError, argument, _Described(f"an array of shape {shape}"),
+                    "a positive finite float or an array holding one value")
+    return None
+
+
+def positive_eps(value, argument: str) -> float:
+    """GeM's clamp floor ``eps``: a positive finite float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+        raise _fail(TypeError if not isinstance(value, numbers.Real) or isinstance(value, bool) else ValueError,
+                    argument, value, "a positive finite float")
+    return float(value)
+
+
+def pool_type(value, function: str) -> str:
+    """timm's ``pool_type`` (lower-cased): one of :data:`POOL_TYPES`; ``None`` means ``''`` (no pooling)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or value.lower() not in POOL_TYPES:
+        raise _fail(ValueError, f"{function}(pool_type)", value, "one of " + ", ".join(map(repr, POOL_TYPES)))
+    return value.lower()
+
+
+def fast_output_size(output_size, pool_type_: str, function: str) -> None:
+    """timm's 'fast' pools (and its NHWC input) reduce to one value per channel only."""
+    if output_size not in (1, (1, 1), [1, 1]):
+        raise _fail(ValueError, f"{function}(output_size)", output_size,
+                    f"1 with pool_type={pool_type_!r} (a 'fast' pool is a global pool)")
+
+
+def number_expected(value, argument: str) -> TypeError:
+    return _fail(TypeError, argument, value, "a positive finite float (a plain number, not an array)")
+
+
+def unsupported_reduction(function: str, backend: str) -> NotImplementedError:
+    return _fail(NotImplementedError, function, _Described(f"an array of the {backend} backend"),
+                 "a backend that implements this reduction (NumPy, PyTorch)")
+
+
+def input_fmt(value, function: str) -> str:
+    """timm's ``input_fmt`` ('NCHW' or 'NHWC') as a ``data_format``."""
+    formats = {"NCHW": "channels_first", "NHWC": "channels_last"}
+    if value not in formats:
+        raise _fail(ValueError, f"{function}(input_fmt)", value, "'NCHW' or 'NHWC'")
+    return formats[value]
+
+
+def static_spatial_size(spec: PoolSpec, function: str) -> ValueError:
+    """A reduction built from static window tables, asked for spatial sizes only known at run time."""
+    return _fail(ValueError, f"{function}(input)", _Described(f"a tensor of shape {spec.shape}"),
+                 "spatial sizes known when the graph is built (give the tf.function input_signature static H, W)")

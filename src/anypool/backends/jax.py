@@ -465,3 +465,69 @@ def _max_valid(x, spec: PoolSpec, valid_sizes, keep):
         here = _at(here, axis, v.ndim)
         present = here if present is None else present & here
     return jnp.where(present, v, jnp.zeros((), v.dtype)), jnp.where(present, idx, jnp.zeros((), idx.dtype))
+# ---------------------------------------------------------------- more reductions (composed)
+# avgmax / catavgmax reuse the pools above.  The power means (LP, GeM) gather each output's whole
+# product window (every spatial axis as (O, K), the static window table of _bins) and reduce it,
+# scaled by the window's largest |t| (held constant for the gradient: the mean is homogeneous in
+# it) so that a large p neither overflows nor underflows; their gradients are JAX's own.
+
+
+def _product_windows(v, spec: PoolSpec):
+    """``v`` with spatial axis ``d`` as ``(O_d, K_d)``, the static validity mask and the K axes."""
+    valid = []
+    for d, (axis, length, out) in enumerate(_axes(spec)):
+        a = axis + d
+        index = _bins.window_index(length, out)
+        v = jnp.take(v, jnp.asarray(index), axis=a)
+        valid.append((a, np.arange(index.shape[1]) < _bins.axis_bins(length, out).lengths[:, None]))
+    mask = np.ones((1,) * v.ndim, bool)
+    for a, ok in valid:
+        shape = [1] * v.ndim
+        shape[a], shape[a + 1] = ok.shape
+        mask = mask & ok.reshape(shape)
+    return v, mask, tuple(a + 1 for a, _ in valid)
+
+
+def _power_mean(x, spec: PoolSpec, p, mean: bool, floor):
+    if 0 in spec.output_size:
+        return jnp.zeros(spec.output_shape, x.dtype)
+    acc = _acc_dtype(x.dtype)
+    w, mask, k = _product_windows(x.astype(acc), spec)
+    t = w if floor is None else jnp.maximum(w, jnp.asarray(floor, acc))  # NaN stays NaN
+    m = lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(t), 0), axis=k, keepdims=True))
+    scale = jnp.where(jnp.isfinite(m) & (m > 0), m, 1)
+    keep = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count
+    p = jnp.asarray(p, acc)
+    terms = jnp.where(keep, (t / scale) ** p, 0)
+    total = terms.sum(k, keepdims=True)
+    if mean:
+        total = total / jnp.asarray(mask.sum(k, keepdims=True), acc)  # every spatial axis is gathered: (O, K) masks
+    zero = total == 0  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
+    root = jnp.where(zero, 0, jnp.where(zero, 1, total) ** (1 / p))
+    return (scale * root).squeeze(k).astype(x.dtype)
+
+
+def lp_pool(x, spec: PoolSpec, norm_type: float):
+    """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions), accumulated in f32/f64."""
+    return _power_mean(x, spec, float(norm_type), False, None)
+
+
+def gem_pool(x, spec: PoolSpec, p, eps: float):
+    """``(mean_window max(x, eps)^p)^(1/p)``; a JAX-array ``p`` is differentiable."""
+    return _power_mean(x, spec, p, True, float(eps))
+
+
+def avgmax_pool(x, spec: PoolSpec):
+    """``0.5·(avg + max)`` of each window, rounded once (half types via float32)."""
+    acc = _acc_dtype(x.dtype)
+    return (0.5 * (avg_pool(x.astype(acc), spec) + max_pool(x, spec).astype(acc))).astype(x.dtype)
+
+
+def catavgmax_pool(x, spec: PoolSpec):
+    """The averages, then the maxima, along the channel axis (``2C`` channels)."""
+    return jnp.concatenate([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+
+
+def flatten(x):
+    """Every axis after the first as one (timm's ``nn.Flatten(1)``)."""
+    return x.reshape(x.shape[0], -1)

@@ -65,6 +65,11 @@ def avg_pool(x: np.ndarray, spec: PoolSpec, valid_sizes=None, keep=None) -> np.n
     x = np.asarray(x)
     if valid_sizes is not None:
         return _per_sample(x, spec, valid_sizes, keep, lambda crop, s: avg_pool(crop, s))
+    return _avg64(x, spec).astype(x.dtype)
+
+
+def _avg64(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+    """The window means in float64 (not rounded to ``x.dtype``)."""
     acc = x.astype(np.float64)
     for axis, length, out in zip(spec.spatial_axes, spec.input_size, spec.output_size):
         b = _bins.axis_bins(length, out)
@@ -80,7 +85,7 @@ def avg_pool(x: np.ndarray, spec: PoolSpec, valid_sizes=None, keep=None) -> np.n
             sums = np.add.reduceat(np.pad(acc, pad), edges, axis=axis)
         sums = np.take(sums, np.arange(0, 2 * out, 2), axis=axis)
         acc = sums / _along(b.lengths, axis, acc.ndim)
-    return acc.astype(x.dtype)
+    return acc
 
 
 def max_pool(x: np.ndarray, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, keep=None):
@@ -210,3 +215,87 @@ def avg_pool_grad_valid(grad_out: np.ndarray, spec: PoolSpec, valid_sizes, keep)
         crop_spec, out = _crop_spec(spec, sizes, keep)
         _crop(g, spec, i, sizes)[...] = avg_pool_grad(_crop(np.asarray(grad_out), spec, i, out), crop_spec)
     return g
+# --- more reductions over the same windows -----------------------------------------------------
+# Each is computed over the gathered product window (every spatial axis split into (O, K), a
+# validity mask for the rows shorter than K): slow and memory-hungry, and obviously right.
+
+
+def _product_windows(x: np.ndarray, spec: PoolSpec):
+    """``(v, mask, k_axes)``: float64 ``x`` with spatial axis ``d`` replaced by ``(O_d, K_d)``."""
+    v = np.asarray(x, dtype=np.float64)
+    mask = np.ones((1,) * (v.ndim + spec.rank), bool)
+    k_axes = []
+    for d, (axis, length, out) in enumerate(zip(spec.spatial_axes, spec.input_size, spec.output_size)):
+        a = axis + d  # each earlier spatial axis became two
+        index = _bins.window_index(length, out)
+        v = np.take(v, index, axis=a)
+        valid = np.arange(index.shape[1]) < _bins.axis_bins(length, out).lengths[:, None]
+        shape = [1] * mask.ndim
+        shape[a], shape[a + 1] = valid.shape
+        mask = mask & valid.reshape(shape)
+        k_axes.append(a + 1)
+    return v, np.broadcast_to(mask, v.shape), tuple(k_axes)
+
+
+def _empty(x: np.ndarray, spec: PoolSpec) -> np.ndarray | None:
+    return np.zeros(spec.output_shape, x.dtype) if 0 in spec.output_size else None
+
+
+def _power_mean(x: np.ndarray, spec: PoolSpec, p: float, mean: bool, floor: float | None) -> np.ndarray:
+    """``(Σ_w t^p)^(1/p)`` (``mean``: ``(mean_w t^p)^(1/p)``), ``t = x`` or ``max(x, floor)``, float64.
+
+    Scaled by the window's ``m = max |t|`` — ``m · (Σ (t/m)^p)^(1/p)``, which is the same number
+    but neither overflows for a large ``p`` nor underflows for a small window.  A window with
+    ``m = inf`` is ``(Σ_{|t| = inf} t^p)^(1/p)`` (finite terms cannot matter); ``m = NaN`` gives NaN.
+    """
+    v, mask, k_axes = _product_windows(x, spec)
+    if floor is not None:
+        v = np.maximum(v, floor)  # NaN stays NaN, as torch.clamp
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(np.where(mask, np.abs(v), 0.0), axis=k_axes, keepdims=True)
+        scaled = np.isfinite(m) & (m > 0)
+        scale = np.where(scaled, m, 1.0)
+        keep = mask & (~np.isinf(m) | np.isinf(v))
+        terms = np.where(keep, np.power(v / scale, p), 0.0)
+        total = terms.sum(axis=k_axes, keepdims=True)
+        if mean:
+            total = total / mask.sum(axis=k_axes, keepdims=True)
+        out = scale * np.power(total, 1.0 / p)
+    return out.squeeze(k_axes)
+
+
+def lp_pool(x: np.ndarray, spec: PoolSpec, norm_type: float) -> np.ndarray:
+    """``(Σ_w x^p)^(1/p)`` with ``p = norm_type`` (torch.pow's signs: a negative ``x`` with a
+    non-integer ``p`` is NaN, as in ``torch.nn.functional.lp_pool2d``); float64, rounded once."""
+    x = np.asarray(x)
+    empty = _empty(x, spec)
+    return empty if empty is not None else _power_mean(x, spec, float(norm_type), False, None).astype(x.dtype)
+
+
+def gem_pool(x: np.ndarray, spec: PoolSpec, p, eps: float) -> np.ndarray:
+    """Generalised mean ``(mean_w max(x, eps)^p)^(1/p)``; float64, rounded once."""
+    x = np.asarray(x)
+    empty = _empty(x, spec)
+    return empty if empty is not None else _power_mean(x, spec, float(p), True, float(eps)).astype(x.dtype)
+
+
+def avgmax_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+    """``0.5 · (avg + max)`` of each window (timm's avgmax), float64, rounded once."""
+    x = np.asarray(x)
+    empty = _empty(x, spec)
+    if empty is not None:
+        return empty
+    with np.errstate(invalid="ignore"):
+        return (0.5 * (_avg64(x, spec) + max_pool(x, spec).astype(np.float64))).astype(x.dtype)
+
+
+def catavgmax_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+    """``concat([avg, max], channel axis)`` (timm's catavgmax): the channel axis doubles."""
+    x = np.asarray(x)
+    return np.concatenate([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+
+
+def flatten(x):
+    """Every axis after the first as one (timm's ``nn.Flatten(1)``)."""
+    x = np.asarray(x)
+    return x.reshape(x.shape[0], -1)

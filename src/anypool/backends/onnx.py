@@ -38,6 +38,9 @@ Padded batches (``valid_sizes``): ``build_avg_valid``/``build_max_valid`` take t
 sizes as a graph value (e.g. a second model input), and build each sample's windows in the
 graph from its own sizes (the dynamo exporter's translations only).
 
+More reductions: :func:`build_power_mean` (LP, and GeM with a learnt ``p`` exported as its
+value); avgmax is built from the avg and max graphs (the dynamo exporter's translations only).
+
 Default opset: :data:`DEFAULT_OPSET` (20, the default of ``torch.onnx.export`` in torch
 2.13).  The translations need opset >= 18 (dynamo exporter) / >= 13 (TorchScript exporter).
 """
@@ -52,7 +55,8 @@ import numpy as np
 
 from .. import _args, _bins
 
-__all__ = ["DEFAULT_OPSET", "build_avg", "build_max", "build_avg_valid", "build_max_valid", "standalone_model"]
+__all__ = ["DEFAULT_OPSET", "build_avg", "build_max", "build_avg_valid", "build_max_valid",
+           "build_power_mean", "standalone_model"]
 
 DEFAULT_OPSET = 20
 """The ONNX opset ``export`` targets unless told otherwise (torch.onnx's own default in torch 2.13)."""
@@ -261,17 +265,20 @@ def build_avg(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
         y = e.if_(divides, then, y_then, other, y_else, compute, ndim)
     else:
         y = _sum_axes(e, y, axes, ndim, remaining, set(), zero)
-    # one division by the product of the window lengths, broadcast over (O_1, ..., O_r)
-    if all(axis.static for axis in axes):
-        denominator = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
-        denominator = e.const(np.asarray(denominator, _NUMPY[compute]))
-    else:
-        denominator = None
-        for i, axis in enumerate(axes):
-            lengths = e.unsqueeze(e("Cast", axis.get("lengths"), to=compute), list(range(1, rank - i)))
-            denominator = lengths if denominator is None else e("Mul", denominator, lengths)
-    y = e("Div", y, denominator)
+    y = e("Div", y, _window_sizes(e, axes, compute))  # one division, broadcast over (O_1, ..., O_r)
     return y if compute == dtype else e("Cast", y, to=dtype)
+
+
+def _window_sizes(e: _Emitter, axes: list[_Axis], compute: int):
+    """The product of the window lengths, shape ``(O_1, ..., O_r)``, in ``compute``."""
+    if all(axis.static for axis in axes):
+        sizes = functools.reduce(np.multiply.outer, [axis._np["lengths"] for axis in axes])
+        return e.const(np.asarray(sizes, _NUMPY[compute]))
+    sizes = None
+    for i, axis in enumerate(axes):
+        lengths = e.unsqueeze(e("Cast", axis.get("lengths"), to=compute), list(range(1, len(axes) - i)))
+        sizes = lengths if sizes is None else e("Mul", sizes, lengths)
+    return sizes
 
 
 def _sum_axes(e: _Emitter, y, axes: list[_Axis], ndim: int, order: list[int], reshape: set[int], zero):
@@ -487,6 +494,33 @@ def build_max_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, s
     y = e("Where", present, y, e.const(np.zeros((), _NUMPY[compute])))
     flat = e("Where", present, flat, _i64(e, 0))
     return (y if compute == dtype else e("Cast", y, to=dtype)), flat
+
+
+def build_power_mean(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
+                     static: Sequence[int | None], p, mean: bool, floor: float | None):
+    """LP (``mean=False``: ``(Σ_w t^p)^(1/p)``) or GeM (``t = max(x, floor)``, ``(mean_w t^p)^(1/p)``).
+
+    Computed in float64, scaled by each plane's largest finite ``|t|`` ``M`` (``M·(Σ (t/M)^p)^(1/p)``):
+    no overflow for any ``p``; a window whose values are all below ``M·10^(-300/p)`` would underflow
+    (the C++ kernels scale by each window's own maximum instead).  ``p``: a float or a one-value
+    ONNX value (a learnt parameter, exported as its value).
+    """
+    rank = len(output_size)
+    y = e("Cast", x, to=_DOUBLE)
+    if floor is not None:  # Max(NaN, floor) may drop the NaN: Where keeps it
+        y = e("Where", e("Less", y, e.const(np.asarray(floor))), e.const(np.asarray(floor)), y)
+    spatial = list(range(ndim - rank, ndim))
+    big = e.reduce("ReduceMax", e("Abs", y), spatial, keepdims=1)
+    bad = e("Or", e("Or", e("IsNaN", big), e("IsInf", big)), e("Equal", big, e.const(np.asarray(0.0))))
+    scale = e("Where", bad, e.const(np.asarray(1.0)), big)
+    exponent = e.const(np.asarray(float(p))) if isinstance(p, (int, float)) else e("Cast", p, to=_DOUBLE)
+    powered = e("Pow", e("Div", y, scale), exponent)
+    total = build_avg(e, powered, output_size, ndim, _DOUBLE, static)
+    if not mean:
+        axes = [_Axis(e, length, out) for length, out in zip(_lengths_of(e, x, ndim, static, rank), output_size)]
+        total = e("Mul", total, _window_sizes(e, axes, _DOUBLE))
+    root = e("Pow", total, e("Div", e.const(np.asarray(1.0)), exponent))
+    return e("Cast", e("Mul", scale, root), to=dtype)
 
 
 class _ProtoEmitter(_Emitter):

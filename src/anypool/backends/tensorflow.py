@@ -688,3 +688,77 @@ def _max_valid(x, spec: PoolSpec, valid_sizes, keep):
         here = _at(here, axis, len(dims))
         present = here if present is None else present & here
     return tf.where(present, values, tf.zeros((), values.dtype)), tf.where(present, idx, tf.zeros((), idx.dtype))
+# --- more reductions (composed) ------------------------------------------------------------------
+# avgmax / catavgmax reuse the pools above (any spatial sizes, known or not).  The power means
+# (LP, GeM) gather each output's whole product window (every spatial axis as (O, K), _bins' static
+# window table) and reduce it, scaled by the window's largest |t| (held constant for the gradient:
+# the mean is homogeneous in it) so that a large p neither overflows nor underflows.  They need
+# the spatial sizes when the graph is built.
+
+
+def _acc(dtype: tf.DType) -> tf.DType:
+    return tf.float32 if dtype.size < 4 else dtype
+
+
+def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, function: str):
+    x = tf.convert_to_tensor(x)
+    if not _static(spec):
+        raise _args.static_spatial_size(spec, function)
+    if 0 in spec.output_size:
+        return tf.zeros(spec.output_shape, x.dtype)
+    acc = _acc(x.dtype)
+    w = tf.cast(x, acc)
+    valid = []
+    for d, (axis, length, out) in enumerate(zip(spec.spatial_axes, spec.input_size, spec.output_size)):
+        a = axis + d
+        index = _bins.window_index(length, out)
+        w = tf.gather(w, index, axis=a)
+        valid.append((a, np.arange(index.shape[1]) < _bins.axis_bins(length, out).lengths[:, None]))
+    ndim = len(w.shape)
+    mask = np.ones((1,) * ndim, bool)
+    for a, ok in valid:
+        shape = [1] * ndim
+        shape[a], shape[a + 1] = ok.shape
+        mask = mask & ok.reshape(shape)
+    k = [a + 1 for a, _ in valid]
+    t = w if floor is None else tf.where(w < floor, tf.constant(floor, acc), w)  # NaN stays NaN
+    m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=k, keepdims=True))
+    scale = tf.where(tf.math.is_finite(m) & (m > 0), m, tf.ones_like(m))
+    keep = tf.logical_and(mask, tf.logical_or(tf.logical_not(tf.math.is_inf(m)), tf.math.is_inf(t)))
+    p = tf.constant(p, acc) if isinstance(p, (int, float)) else tf.cast(p, acc)  # (a float cast via float32 rounds)
+    terms = tf.where(keep, tf.pow(t / scale, p), tf.zeros_like(t))
+    total = tf.reduce_sum(terms, axis=k, keepdims=True)
+    if mean:
+        total = total / tf.constant(mask.sum(axis=tuple(k), keepdims=True), acc)
+    zero = tf.equal(total, 0)  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
+    root = tf.where(zero, tf.zeros_like(total), tf.pow(tf.where(zero, tf.ones_like(total), total), 1 / p))
+    return tf.cast(tf.squeeze(scale * root, axis=k), x.dtype)
+
+
+def lp_pool(x, spec: PoolSpec, norm_type: float):
+    """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions); static spatial sizes."""
+    return _power_mean(x, spec, float(norm_type), False, None, "adaptive_lp_pool")
+
+
+def gem_pool(x, spec: PoolSpec, p, eps: float):
+    """``(mean_window max(x, eps)^p)^(1/p)``; a ``tf.Variable`` ``p`` gets a gradient."""
+    return _power_mean(x, spec, p, True, float(eps), "adaptive_gem_pool")
+
+
+def avgmax_pool(x, spec: PoolSpec):
+    """``0.5·(avg + max)`` of each window, rounded once (half types via float32)."""
+    x = tf.convert_to_tensor(x)
+    acc = _acc(x.dtype)
+    mean = avg_pool(tf.cast(x, acc), spec)
+    return tf.cast(0.5 * (mean + tf.cast(max_pool(x, spec), acc)), x.dtype)
+
+
+def catavgmax_pool(x, spec: PoolSpec):
+    """The averages, then the maxima, along the channel axis (``2C`` channels)."""
+    return tf.concat([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+
+
+def flatten(x):
+    """Every axis after the first as one (timm's ``nn.Flatten(1)``)."""
+    x = tf.convert_to_tensor(x)
+    return tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))

@@ -22,6 +22,8 @@ __all__ = [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
     "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
     "GlobalAvgPool", "GlobalMaxPool", "convert",
+    "AdaptiveLPPool1d", "AdaptiveLPPool2d", "AdaptiveLPPool3d",
+    "AdaptiveGeMPool1d", "AdaptiveGeMPool2d", "AdaptiveGeMPool3d", "SelectAdaptivePool2d",
 ]
 
 
@@ -123,3 +125,120 @@ def convert(module: nn.Module) -> nn.Module:
         if twin is not None:
             sub.__class__ = twin
     return module
+
+
+# --- more reductions ----------------------------------------------------------------------------
+
+
+class _AdaptiveLPPool(nn.Module):
+    _rank: int
+
+    def __init__(self, norm_type: float, output_size) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if anypool._args.positive_exponent(norm_type, f"{name}(norm_type)") is None:
+            raise anypool._args.number_expected(norm_type, f"{name}(norm_type)")
+        self.norm_type = float(norm_type)
+        self.output_size = output_size
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(anypool, f"adaptive_lp_pool{self._rank}d")(input, self.norm_type, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"norm_type={self.norm_type}, output_size={self.output_size}"
+
+
+class AdaptiveLPPool1d(_AdaptiveLPPool):
+    """``(Σ_window x^p)^(1/p)`` over adaptive windows (:func:`anypool.adaptive_lp_pool1d`): ``(N, C, L)``."""
+
+    _rank = 1
+
+
+class AdaptiveLPPool2d(_AdaptiveLPPool):
+    """LP pooling over adaptive windows (:func:`anypool.adaptive_lp_pool2d`): ``(N, C, H, W)`` or ``(C, H, W)``."""
+
+    _rank = 2
+
+
+class AdaptiveLPPool3d(_AdaptiveLPPool):
+    """LP pooling over adaptive windows (:func:`anypool.adaptive_lp_pool3d`): ``(N, C, D, H, W)``."""
+
+    _rank = 3
+
+
+class _AdaptiveGeMPool(nn.Module):
+    _rank: int
+
+    def __init__(self, output_size=1, p: float = 3.0, eps: float = 1e-6, p_trainable: bool = True) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if anypool._args.positive_exponent(p, f"{name}(p)") is None:
+            raise anypool._args.number_expected(p, f"{name}(p)")
+        self.output_size = output_size
+        self.eps = anypool._args.positive_eps(eps, f"{name}(eps)")
+        self.p = nn.Parameter(torch.tensor(float(p))) if p_trainable else float(p)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(anypool, f"adaptive_gem_pool{self._rank}d")(input, self.output_size, p=self.p, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        p = f"{float(self.p.detach()):.4g} (trainable)" if isinstance(self.p, nn.Parameter) else f"{self.p}"
+        return f"output_size={self.output_size}, p={p}, eps={self.eps}"
+
+
+class AdaptiveGeMPool1d(_AdaptiveGeMPool):
+    """Generalised-mean pooling ``(mean_window max(x, eps)^p)^(1/p)`` (:func:`anypool.adaptive_gem_pool1d`).
+
+    ``p`` is an ``nn.Parameter`` (a scalar, learnt with the model) unless ``p_trainable=False``.
+    """
+
+    _rank = 1
+
+
+class AdaptiveGeMPool2d(_AdaptiveGeMPool):
+    """Generalised-mean pooling of ``(N, C, H, W)``; ``p`` learnable as in :class:`AdaptiveGeMPool1d`."""
+
+    _rank = 2
+
+
+class AdaptiveGeMPool3d(_AdaptiveGeMPool):
+    """Generalised-mean pooling of ``(N, C, D, H, W)``; ``p`` learnable as in :class:`AdaptiveGeMPool1d`."""
+
+    _rank = 3
+
+
+class SelectAdaptivePool2d(nn.Module):
+    """timm's ``SelectAdaptivePool2d``, same arguments, anypool's windows and kernels.
+
+    ``pool_type``: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` (``2C`` output channels),
+    ``'fast…'`` (a global pool: ``output_size`` must be 1; ``'fast'`` is avg) or ``''`` (no pooling).
+    ``input_fmt``: ``'NCHW'`` or ``'NHWC'`` (any output size, where timm's NHWC is global only).
+    ``flatten`` flattens every axis after the batch axis.  ``feat_mult()`` is the channel factor (2 for
+    catavgmax) and ``is_identity()`` whether it pools at all, as a timm classifier head asks.
+    """
+
+    def __init__(self, output_size=1, pool_type: str = "fast", flatten: bool = False, input_fmt: str = "NCHW") -> None:
+        super().__init__()
+        name = type(self).__name__
+        kind = anypool._args.pool_type(pool_type, name)
+        if kind.startswith("fast"):
+            anypool._args.fast_output_size(output_size, kind, name)
+        self.data_format = anypool._args.input_fmt(input_fmt, name)
+        self.input_fmt = input_fmt
+        self.pool_type = pool_type or ""
+        self.output_size = output_size
+        self.flatten = bool(flatten)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return anypool.select_adaptive_pool2d(x, self.pool_type, self.output_size, self.flatten,
+                                              data_format=self.data_format)
+
+    def is_identity(self) -> bool:
+        return not self.pool_type
+
+    def feat_mult(self) -> int:
+        return 2 if self.pool_type.lower().endswith("catavgmax") else 1
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, pool_type={self.pool_type!r}, flatten={self.flatten}, "
+                f"input_fmt={self.input_fmt!r}")

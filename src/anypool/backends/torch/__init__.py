@@ -110,3 +110,36 @@ def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False, vali
     else:
         values, indices = ops.max_pool(v, out)
     return (_back(values, spec), _back(indices, spec)) if return_indices else _back(values, spec)
+
+
+# --- more reductions ----------------------------------------------------------------------------
+
+
+def lp_pool(x: torch.Tensor, spec: PoolSpec, norm_type: float) -> torch.Tensor:
+    """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions)."""
+    v, out = _logical(x, spec)
+    return _back(ops.lp_pool(v, out, float(norm_type)), spec)
+
+
+def gem_pool(x: torch.Tensor, spec: PoolSpec, p, eps: float) -> torch.Tensor:
+    """``(mean_window max(x, eps)^p)^(1/p)``; a tensor ``p`` gets a gradient."""
+    v, out = _logical(x, spec)
+    return _back(ops.gem_pool(v, out, p, float(eps)), spec)
+
+
+def avgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """``0.5·(avg + max)`` of each window, from one pass, rounded once."""
+    v, out = _logical(x, spec)
+    return _back(ops.avgmax_pool(v, out, True)[0], spec)
+
+
+def catavgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """Averages then maxima along the channel axis (``2C`` channels), from one pass."""
+    v, out = _logical(x, spec)
+    avg, values, _ = ops.avgmax_pool(v, out, False)
+    return _back(torch.cat([avg, values], 1), spec)
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """Every axis after the first as one (timm's ``nn.Flatten(1)``)."""
+    return x.flatten(1)

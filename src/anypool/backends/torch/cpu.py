@@ -1,4 +1,5 @@
-"""The fast CPU path: C++ kernels (``csrc/pool.cpp``) on torch's own intra-op thread pool.
+"""The fast CPU path: C++ kernels (``csrc/pool.cpp``; LP, GeM, avgmax in ``csrc/reductions.cpp``) on torch's own
+intra-op thread pool.
 
 The kernels run through ``at::parallel_for``, so they honour ``torch.set_num_threads`` and
 share torch's OpenMP workers instead of starting a second pool beside them.  Every function
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward"]
+__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "lp_forward", "lp_backward",
+           "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
 
 VALID_SIZES = True  # the kernels take per-sample sizes (see ops.py, "padded batches")
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("pool.cpp",)
+_SOURCES = ("pool.cpp", "reductions.cpp")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # The instruction sets of each capability torch reports, as GCC/Clang flags.
@@ -109,3 +111,34 @@ def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size,
 
 def _cpu(sizes: torch.Tensor | None) -> torch.Tensor | None:
     return None if sizes is None else sizes.to(device="cpu", dtype=torch.int64)
+
+
+def lp_forward(x: torch.Tensor, output_size, norm_type: float) -> torch.Tensor:
+    """``(Σ_window x^p)^(1/p)``, scaled by each window's largest ``|x|`` (see ``csrc/reductions.cpp``)."""
+    return _ops.lp_forward.default(x, list(output_size), float(norm_type))
+
+
+def lp_backward(grad_out: torch.Tensor, x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Gradient of :func:`lp_forward` with respect to ``x`` (a gather, deterministic)."""
+    return _ops.lp_backward.default(grad_out, x, float(norm_type))
+
+
+def gem_forward(x: torch.Tensor, output_size, p: float, eps: float) -> torch.Tensor:
+    """``(mean_window max(x, eps)^p)^(1/p)``, scaled by each window's maximum."""
+    return _ops.gem_forward.default(x, list(output_size), float(p), float(eps))
+
+
+def gem_backward(grad_out: torch.Tensor, x: torch.Tensor, p: float, eps: float, p_grad: bool):
+    """``(grad x, grad p)``: grad p a float64 0-d tensor (``None`` unless ``p_grad``), summed in a fixed order."""
+    gin, per_output = _ops.gem_backward.default(grad_out, x, float(p), float(eps), bool(p_grad))
+    return gin, (per_output.sum() if p_grad else None)
+
+
+def avgmax_forward(x: torch.Tensor, output_size, combine: bool):
+    """``(avg, max, argmax)`` of each window from one pass; with ``combine`` the first is ``0.5·(avg + max)``."""
+    return _ops.avgmax_forward.default(x, list(output_size), bool(combine))
+
+
+def avgmax_backward(grad_avg: torch.Tensor, grad_max: torch.Tensor, indices: torch.Tensor, input_size):
+    """Avg backward of ``grad_avg`` plus max backward of ``grad_max`` at ``indices``, in one gather."""
+    return _ops.avgmax_backward.default(grad_avg, grad_max, indices, [int(s) for s in input_size])

@@ -16,7 +16,20 @@ import numpy as np
 import torch
 
 from ... import _args
-from ..onnx import _AVG, _MAX, _NAMES, _Emitter, _output_size, build_avg, build_avg_valid, build_max, build_max_valid
+from ..onnx import (
+    _AVG,
+    _MAX,
+    _NAMES,
+    _NUMPY,
+    _compute_dtype,
+    _Emitter,
+    _output_size,
+    build_avg,
+    build_avg_valid,
+    build_max,
+    build_max_valid,
+    build_power_mean,
+)
 
 
 class _ScriptEmitter(_Emitter):
@@ -120,12 +133,47 @@ def _max_valid_translation(x, sizes, output_size):
     return build_max_valid(_ScriptEmitter(), x, sizes, output_size, len(x.shape), int(x.dtype), static)
 
 
+def _static_of(x, rank: int) -> list:
+    return [d if isinstance(d, int) else None for d in x.shape][len(x.shape) - rank:]
+
+
+def _lp_translation(x, output_size, norm_type):
+    """dynamo exporter: ``anypool::adaptive_lp_pool``."""
+    output_size = _output_size(output_size, "anypool::adaptive_lp_pool")
+    return build_power_mean(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype),
+                            _static_of(x, len(output_size)), float(norm_type), False, None)
+
+
+def _gem_translation(x, output_size, p, eps):
+    """dynamo exporter: ``anypool::adaptive_gem_pool`` (``p`` a graph value: a learnt p keeps its value)."""
+    output_size = _output_size(output_size, "anypool::adaptive_gem_pool")
+    return build_power_mean(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype),
+                            _static_of(x, len(output_size)), p, True, float(eps))
+
+
+def _avgmax_translation(x, output_size, combine):
+    """dynamo exporter: ``anypool::adaptive_avgmax_pool`` -> (0.5·(avg + max) or avg, max, int64 argmax)."""
+    output_size = _output_size(output_size, "anypool::adaptive_avgmax_pool")
+    e, dtype, ndim = _ScriptEmitter(), int(x.dtype), len(x.shape)
+    compute = _compute_dtype(dtype)
+    static = _static_of(x, len(output_size))
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    avg = build_avg(e, y, output_size, ndim, compute, static)
+    values, indices = build_max(e, y, output_size, ndim, compute, static)
+    first = e("Mul", e("Add", avg, values), e.const(np.asarray(0.5, _NUMPY[compute]))) if combine else avg
+    if compute != dtype:  # rounded once
+        first, values = e("Cast", first, to=dtype), e("Cast", values, to=dtype)
+    return first, values, indices
+
+
 def translation_table() -> dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     ops = torch.ops.anypool  # defined by .ops, which the package imported before this module
     return {ops.adaptive_avg_pool.default: _avg_translation, ops.adaptive_max_pool.default: _max_translation,
             ops.adaptive_avg_pool_valid.default: _avg_valid_translation,
-            ops.adaptive_max_pool_valid.default: _max_valid_translation}
+            ops.adaptive_max_pool_valid.default: _max_valid_translation,
+            ops.adaptive_lp_pool.default: _lp_translation, ops.adaptive_gem_pool.default: _gem_translation,
+            ops.adaptive_avgmax_pool.default: _avgmax_translation}
 
 
 def _torchscript_symbolic(kind: str):

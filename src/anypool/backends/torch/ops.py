@@ -1,6 +1,6 @@
 """The ``anypool::`` custom ops: one opaque op per direction, with fake impls and autograd.
 
-Forward schemas (the ONNX exporter translates these two by name)::
+Forward schemas (the ONNX exporter translates these, and the reductions below, by name)::
 
     anypool::adaptive_avg_pool(Tensor x, int[] output_size) -> Tensor
     anypool::adaptive_max_pool(Tensor x, int[] output_size) -> (Tensor, Tensor)   # values, int64 indices
@@ -27,6 +27,9 @@ input for a forward, ``grad_out`` for a backward — and the pooled spatial size
 ``avg_forward(x, output_size)``, ``avg_backward(grad_out, input_size)``,
 ``max_forward(x, output_size) -> (values, indices)``,
 ``max_backward(grad_out, indices, input_size)``, all on logical ``(N, C, *S)`` tensors.
+The further reductions (LP, GeM, avgmax; schemas at the end of this file) ask the same module
+for ``lp_forward``/``lp_backward``, ``gem_forward``/``gem_backward`` and
+``avgmax_forward``/``avgmax_backward`` and use :mod:`.portable` where it has none.
 """
 
 from __future__ import annotations
@@ -491,3 +494,235 @@ def avg_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int])
 def max_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``anypool::adaptive_max_pool_valid``, run directly in plain eager mode."""
     return _run_valid(_EagerMaxValid, adaptive_max_pool_valid, x, sizes, output_size)
+# --- more reductions: LP, GeM, avgmax -----------------------------------------------------------
+#
+#     anypool::adaptive_lp_pool(Tensor x, int[] output_size, float norm_type) -> Tensor
+#     anypool::adaptive_gem_pool(Tensor x, int[] output_size, Tensor p, float eps) -> Tensor
+#     anypool::adaptive_avgmax_pool(Tensor x, int[] output_size, bool combine) -> (Tensor, Tensor, Tensor)
+#
+# avgmax returns (first, max, int64 argmax) with first = 0.5·(avg + max) when ``combine`` (timm's
+# avgmax, rounded once) and the average otherwise (catavgmax concatenates it with the max).
+# GeM's ``p`` is a one-value tensor so that a learnable p has a gradient and nothing syncs
+# at trace time.  Their backward ops are not differentiable again (no double backward).
+
+
+def _impl(x: torch.Tensor, output_size, function: str) -> ModuleType:
+    """:func:`implementation`, or the portable path where that module lacks ``function`` (e.g. Triton)."""
+    module = implementation(x, output_size)
+    return module if hasattr(module, function) else portable
+
+
+@torch.library.custom_op("anypool::adaptive_lp_pool", mutates_args=(),
+                         schema="(Tensor x, int[] output_size, float norm_type) -> Tensor")
+def adaptive_lp_pool(x: torch.Tensor, output_size: list[int], norm_type: float) -> torch.Tensor:
+    _on_onnx_export(output_size, "anypool::adaptive_lp_pool")
+    return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
+
+
+@adaptive_lp_pool.register_fake
+def _(x, output_size, norm_type):
+    _on_onnx_export(output_size, "anypool::adaptive_lp_pool")
+    return _layout_empty(x, output_size)
+
+
+@torch.library.custom_op("anypool::adaptive_lp_pool_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor x, float norm_type) -> Tensor")
+def adaptive_lp_pool_backward(grad_out: torch.Tensor, x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    impl = _impl(x, grad_out.shape[2:], "lp_backward")
+    return _conform(impl.lp_backward(grad_out, x, norm_type), x, x.shape[2:])
+
+
+@adaptive_lp_pool_backward.register_fake
+def _(grad_out, x, norm_type):
+    return _layout_empty(x, x.shape[2:])
+
+
+@torch.library.custom_op("anypool::adaptive_gem_pool", mutates_args=(),
+                         schema="(Tensor x, int[] output_size, Tensor p, float eps) -> Tensor")
+def adaptive_gem_pool(x: torch.Tensor, output_size: list[int], p: torch.Tensor, eps: float) -> torch.Tensor:
+    _on_onnx_export(output_size, "anypool::adaptive_gem_pool")
+    out = _impl(x, output_size, "gem_forward").gem_forward(x, output_size, float(p), eps)
+    return _conform(out, x, output_size)
+
+
+@adaptive_gem_pool.register_fake
+def _(x, output_size, p, eps):
+    _on_onnx_export(output_size, "anypool::adaptive_gem_pool")
+    return _layout_empty(x, output_size)
+
+
+@torch.library.custom_op("anypool::adaptive_gem_pool_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor x, Tensor p, float eps, bool p_grad) -> (Tensor, Tensor)")
+def adaptive_gem_pool_backward(grad_out: torch.Tensor, x: torch.Tensor, p: torch.Tensor, eps: float,
+                               p_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _impl(x, grad_out.shape[2:], "gem_backward")
+    gin, gp = impl.gem_backward(grad_out, x, float(p), eps, p_grad)
+    gp = torch.zeros_like(p) if gp is None else gp.to(p.dtype).reshape(p.shape)
+    return _conform(gin, x, x.shape[2:]), gp
+
+
+@adaptive_gem_pool_backward.register_fake
+def _(grad_out, x, p, eps, p_grad):
+    return _layout_empty(x, x.shape[2:]), torch.empty_like(p)
+
+
+@torch.library.custom_op("anypool::adaptive_avgmax_pool", mutates_args=(),
+                         schema="(Tensor x, int[] output_size, bool combine) -> (Tensor, Tensor, Tensor)")
+def adaptive_avgmax_pool(x: torch.Tensor, output_size: list[int],
+                         combine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _on_onnx_export(output_size, "anypool::adaptive_avgmax_pool")
+    first, values, indices = _impl(x, output_size, "avgmax_forward").avgmax_forward(x, output_size, combine)
+    return (_conform(first, x, output_size), _conform(values, x, output_size),
+            _conform(indices, x, output_size, torch.int64))
+
+
+@adaptive_avgmax_pool.register_fake
+def _(x, output_size, combine):
+    _on_onnx_export(output_size, "anypool::adaptive_avgmax_pool")
+    return _layout_empty(x, output_size), _layout_empty(x, output_size), _layout_empty(x, output_size, torch.int64)
+
+
+@torch.library.custom_op("anypool::adaptive_avgmax_pool_backward", mutates_args=(),
+                         schema="(Tensor grad_avg, Tensor grad_max, Tensor indices, SymInt[] input_size) -> Tensor")
+def adaptive_avgmax_pool_backward(grad_avg: torch.Tensor, grad_max: torch.Tensor, indices: torch.Tensor,
+                                  input_size: list[int]) -> torch.Tensor:
+    impl = _impl(grad_avg, grad_avg.shape[2:], "avgmax_backward")
+    return _conform(impl.avgmax_backward(grad_avg, grad_max, indices, input_size), grad_avg, input_size)
+
+
+@adaptive_avgmax_pool_backward.register_fake
+def _(grad_avg, grad_max, indices, input_size):
+    return _layout_empty(grad_avg, input_size)
+
+
+def _lp_setup(ctx, inputs, output):
+    x, _, ctx.norm_type = inputs
+    ctx.save_for_backward(x)
+
+
+def _lp_grad(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return adaptive_lp_pool_backward(grad, x, ctx.norm_type), None, None
+
+
+def _gem_setup(ctx, inputs, output):
+    x, _, p, ctx.eps = inputs
+    ctx.save_for_backward(x, p)
+
+
+def _gem_grad(ctx, grad):
+    x, p = ctx.saved_tensors
+    gx, gp = adaptive_gem_pool_backward(grad, x, p, ctx.eps, ctx.needs_input_grad[2])
+    return gx, None, (gp if ctx.needs_input_grad[2] else None), None
+
+
+def _avgmax_setup(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape[2:])
+    ctx.channels_last = portable.channels_last(inputs[0])
+    ctx.combine = inputs[2]
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _avgmax_grad(ctx, grad_first, grad_values, grad_indices):
+    (indices,) = ctx.saved_tensors
+    if grad_first is None:
+        grad_first = torch.zeros_like(grad_values)
+    if ctx.combine:  # d(0.5·(avg + max)); a gradient of the max output (if used too) adds to the max part
+        grad_avg = 0.5 * grad_first
+        grad_max = grad_avg if grad_values is None else grad_avg + grad_values
+    else:
+        grad_avg = grad_first
+        grad_max = grad_values if grad_values is not None else torch.zeros_like(grad_avg)
+    # (slices of catavgmax's gradient): in the input's memory format, which the gradient keeps
+    grad_avg, grad_max = (_like(g, ctx.channels_last) for g in (grad_avg, grad_max))
+    return adaptive_avgmax_pool_backward(grad_avg, grad_max, indices, ctx.input_size), None, None
+
+
+def _like(g: torch.Tensor, cl: bool) -> torch.Tensor:
+    return g.movedim(1, -1).contiguous().movedim(-1, 1) if cl else g.contiguous()
+
+
+adaptive_lp_pool.register_autograd(_lp_grad, setup_context=_lp_setup)
+adaptive_gem_pool.register_autograd(_gem_grad, setup_context=_gem_setup)
+adaptive_avgmax_pool.register_autograd(_avgmax_grad, setup_context=_avgmax_setup)
+
+
+# --- eager fast path of the reductions (as for avg and max above) -------------------------------
+
+
+class _EagerLP(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, norm_type):
+        return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
+
+    setup_context = staticmethod(_lp_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        impl = _impl(x, grad.shape[2:], "lp_backward")
+        return _conform(impl.lp_backward(grad, x, ctx.norm_type), x, x.shape[2:]), None, None
+
+
+class _EagerGeM(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, p, eps):
+        out = _impl(x, output_size, "gem_forward").gem_forward(x, output_size, float(p), eps)
+        return _conform(out, x, output_size)
+
+    setup_context = staticmethod(_gem_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, p = ctx.saved_tensors
+        p_grad = ctx.needs_input_grad[2]
+        gin, gp = _impl(x, grad.shape[2:], "gem_backward").gem_backward(grad, x, float(p), ctx.eps, p_grad)
+        gp = gp.to(p.dtype).reshape(p.shape) if p_grad else None
+        return _conform(gin, x, x.shape[2:]), None, gp, None
+
+
+class _EagerAvgMax(torch.autograd.Function):
+    @staticmethod
+    def forward(x, output_size, combine):
+        first, values, indices = _impl(x, output_size, "avgmax_forward").avgmax_forward(x, output_size, combine)
+        return (_conform(first, x, output_size), _conform(values, x, output_size),
+                _conform(indices, x, output_size, torch.int64))
+
+    setup_context = staticmethod(_avgmax_setup)
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_values, grad_indices):
+        return _avgmax_grad(ctx, grad_first, grad_values, grad_indices)  # itself the eager path below
+
+
+def _exponent(p) -> torch.Tensor:
+    return p.reshape(()) if isinstance(p, torch.Tensor) else torch.tensor(float(p), dtype=torch.float64)
+
+
+def lp_pool(x: torch.Tensor, output_size: list[int], norm_type: float) -> torch.Tensor:
+    """``anypool::adaptive_lp_pool``, run directly in plain eager mode."""
+    if not _eager(x):
+        return adaptive_lp_pool(x, output_size, norm_type)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EagerLP.apply(x, output_size, norm_type)
+    return _EagerLP.forward(x, output_size, norm_type)
+
+
+def gem_pool(x: torch.Tensor, output_size: list[int], p, eps: float) -> torch.Tensor:
+    """``anypool::adaptive_gem_pool`` (``p`` a float or a one-value tensor), run directly in plain eager mode."""
+    tensor_p = isinstance(p, torch.Tensor)
+    if not _eager(x) or (tensor_p and not _eager(p)):
+        return adaptive_gem_pool(x, output_size, _exponent(p), eps)
+    if torch.is_grad_enabled() and (x.requires_grad or (tensor_p and p.requires_grad)):
+        return _EagerGeM.apply(x, output_size, _exponent(p), eps)
+    return _EagerGeM.forward(x, output_size, p, eps)
+
+
+def avgmax_pool(x: torch.Tensor, output_size: list[int], combine: bool):
+    """``anypool::adaptive_avgmax_pool``, run directly in plain eager mode."""
+    if not _eager(x):
+        return adaptive_avgmax_pool(x, output_size, combine)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EagerAvgMax.apply(x, output_size, combine)
+    return _EagerAvgMax.forward(x, output_size, combine)

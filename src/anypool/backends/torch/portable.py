@@ -27,6 +27,7 @@ sample the valid input lengths ``L_i`` then the valid output lengths ``O_i`` (``
 the output size, or ``L_i`` on an axis that keeps its size).  Sample ``i`` is pooled with
 the windows of ``(L_i, O_i)``, gathered per sample (the padding is never read); outputs
 ``j >= O_i`` are 0, and the padding's gradient is 0.
+The further reductions (LP, GeM, avgmax; see the end of this file) follow.
 
 float16/bfloat16 accumulate in float32.  Sizes may be SymInts (window tables are
 built with torch ops from the ``_bins`` expressions), so the code also traces.
@@ -40,7 +41,8 @@ import torch
 
 from ... import _bins
 
-__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last"]
+__all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last",
+           "lp_forward", "lp_backward", "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
 
 
 # devices whose scatter_add is deterministic by construction (serial within a row); elsewhere
@@ -427,3 +429,128 @@ def _max_backward_valid(grad_out: torch.Tensor, indices: torch.Tensor, input_siz
     target = plane.reshape(pairs).reshape((1,) * first + tuple(pairs) + (1,) * (g.dim() - first - len(pairs)))
     g = torch.where(ix == target, g, 0).sum(tuple(summed), keepdim=True)
     return _logical(g.reshape(_shape_with(v, first, input_size)).to(grad_out.dtype), cl)
+# --- more reductions (composed from the above and plain torch ops) ------------------------------
+# The power means gather each output's whole product window (every spatial axis as (O, K)) and
+# reduce it, scaled by the window's largest |t| as csrc/reductions.cpp does (see its formulas):
+# exact and overflow-free, at the cost of memory ~ 2^rank times the input.  Their backward is the
+# same formula's gradient on the windows, taken back to the inputs by a gather over the covering
+# ranges (the adjoint of the window gather): deterministic on every device.
+
+
+def _product_windows(v: torch.Tensor, first: int, output_size):
+    """``v`` with spatial axis ``d`` replaced by ``(O_d, K_d)``; ``(windows, mask or None, K axes)``."""
+    valid = []
+    for d, out in enumerate(output_size):
+        axis = first + 2 * d
+        v, ok, _ = _windows(v, axis, v.shape[axis], out)
+        if ok is not None:
+            valid.append((axis, ok))
+    mask = None
+    for axis, ok in valid:
+        m = _along(ok, axis, v.dim())
+        mask = m if mask is None else mask & m
+    return v, mask, tuple(first + 2 * d + 1 for d in range(len(output_size)))
+
+
+def _unwindow(gw: torch.Tensor, first: int, input_size, output_size) -> torch.Tensor:
+    """The adjoint of :func:`_product_windows`: each input sums its entries in the windows covering it."""
+    for d in reversed(range(len(input_size))):
+        axis, length, out = first + 2 * d, input_size[d], output_size[d]
+        if _divides(length, out):  # the windows tile the axis: (O, L/O) is L
+            gw = gw.flatten(axis, axis + 1)
+            continue
+        k = gw.shape[axis + 1]
+        index, valid = _cover_table(length, out, gw.device)  # (L, Kc) covering outputs j
+        offset = torch.arange(length, device=gw.device)[:, None] - _bins.start_expr(index, length, out)
+        flat = index * k + offset.clamp(0, k - 1)
+        picked = _gather(gw.flatten(axis, axis + 1), axis, flat)
+        gw = torch.where(_along(valid, axis, picked.dim()), picked, 0).sum(axis + 1)
+    return gw
+
+
+def _power_parts(x: torch.Tensor, output_size, p, floor: float | None):
+    v, first, cl = _physical(x)
+    w, mask, k = _product_windows(v.to(_acc_dtype(x.dtype)), first, output_size)
+    t = w if floor is None else w.clamp(min=floor)
+    a = t.abs()
+    m = (a if mask is None else torch.where(mask, a, 0)).amax(k, keepdim=True)
+    scale = torch.where(torch.isfinite(m) & (m > 0), m, 1)
+    keep = ~torch.isinf(m) | torch.isinf(t)  # m = inf: only the infinite terms count
+    if mask is not None:
+        keep = keep & mask
+    u = t / scale
+    terms = torch.where(keep, u.pow(p), 0)
+    full = math.prod(w.shape[a] for a in k if mask is None or mask.shape[a] == 1)  # the unmasked (divisible) axes
+    count = full if mask is None else mask.sum(k, keepdim=True) * full
+    return dict(v=v, first=first, cl=cl, w=w, k=k, keep=keep, scale=scale, u=u, terms=terms,
+                total=terms.sum(k, keepdim=True), count=count)
+
+
+def _power_out(parts, p, mean: bool) -> torch.Tensor:
+    s = parts["total"] / parts["count"] if mean else parts["total"]
+    return parts["scale"] * s.pow(1 / p)
+
+
+def _power_forward(x: torch.Tensor, output_size, p, mean: bool, floor: float | None) -> torch.Tensor:
+    if 0 in output_size:
+        return _empty(x, output_size)
+    parts = _power_parts(x, output_size, p, floor)
+    return _logical(_power_out(parts, p, mean).squeeze(parts["k"]).to(x.dtype), parts["cl"])
+
+
+def _power_backward(grad_out, x, p, mean: bool, floor: float | None, p_grad: bool = False):
+    """``(grad x, grad p or None)`` of the power mean (``grad p`` float64, 0-d)."""
+    input_size = tuple(x.shape[2:])
+    output_size = tuple(grad_out.shape[2:])
+    if 0 in output_size:
+        return torch.zeros_like(x), (x.new_zeros((), dtype=torch.float64) if p_grad else None)
+    parts = _power_parts(x, output_size, p, floor)
+    k, total = parts["k"], parts["total"]
+    g = grad_out.to(parts["w"].dtype)
+    g = g.movedim(1, -1) if parts["cl"] else g  # in x's axis order, whatever grad_out's memory format
+    g = g.reshape(parts["scale"].shape)  # output axes with the window axes as size 1
+    y = _power_out(parts, p, mean)
+    coef = torch.where(total == 0, 0, g * y / (parts["scale"] * total))  # torch's lp_pool: 0 at a zero sum
+    gw = torch.where(parts["keep"], coef * parts["u"].pow(p - 1), 0)
+    if floor is not None:
+        gw = torch.where(parts["w"] < floor, 0, gw)  # torch.clamp passes the gradient where x >= floor
+    first = parts["first"]
+    gin = _logical(_unwindow(gw, first, input_size, output_size).to(x.dtype), parts["cl"])
+    if not p_grad:
+        return gin, None
+    logs = torch.where(parts["keep"], parts["terms"] * parts["u"].log(), 0).sum(k, keepdim=True)
+    s = total / parts["count"] if mean else total
+    gp = (g.double() * y.double() / p * (logs.double() / total.double() - s.double().log() / p)).sum()
+    return gin, gp
+
+
+def lp_forward(x: torch.Tensor, output_size, norm_type: float) -> torch.Tensor:
+    return _power_forward(x, output_size, float(norm_type), False, None)
+
+
+def lp_backward(grad_out: torch.Tensor, x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    return _power_backward(grad_out, x, float(norm_type), False, None)[0]
+
+
+def gem_forward(x: torch.Tensor, output_size, p: float, eps: float) -> torch.Tensor:
+    return _power_forward(x, output_size, float(p), True, float(eps))
+
+
+def gem_backward(grad_out: torch.Tensor, x: torch.Tensor, p: float, eps: float, p_grad: bool):
+    return _power_backward(grad_out, x, float(p), True, float(eps), p_grad)
+
+
+def avgmax_forward(x: torch.Tensor, output_size, combine: bool):
+    """``(avg, max, argmax)``; with ``combine`` the first is ``0.5·(avg + max)``, rounded once."""
+    values, indices = max_forward(x, output_size)
+    if not combine:
+        return avg_forward(x, output_size), values, indices
+    acc = _acc_dtype(x.dtype)
+    mean = avg_forward(x.to(acc), output_size)  # not yet rounded to a half type
+    return (0.5 * (mean + values.to(acc))).to(x.dtype), values, indices
+
+
+def avgmax_backward(grad_avg: torch.Tensor, grad_max: torch.Tensor, indices: torch.Tensor, input_size):
+    acc = _acc_dtype(grad_avg.dtype)
+    total = avg_backward(grad_avg.to(acc), input_size) + max_backward(grad_max.to(acc), indices, input_size)
+    return total.to(grad_avg.dtype)

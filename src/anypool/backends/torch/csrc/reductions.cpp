@@ -1,0 +1,466 @@
+// anypool's CPU kernels for the reductions beyond avg and max, on torch's intra-op pool:
+//   * power means: LP  y = (Σ_w x^p)^(1/p)  and GeM  y = (mean_w max(x, eps)^p)^(1/p);
+//   * avgmax: the window's mean, maximum and argmax from one pass (timm's avgmax / catavgmax).
+// Same buffers as pool.cpp (common.h): the logical (N, C, *S) tensor as (B, D, H, W, K),
+// results in its memory format.  Half types are read into float, accumulated there, rounded once.
+//
+// A power mean is computed as m·(Σ (t/m)^p)^(1/p) with m = max |t| over the window, so no term
+// exceeds 1: a large p neither overflows nor (for the window's largest terms) underflows.  A
+// window with m = inf is (Σ_{|t|=inf} t^p)^(1/p) (the finite terms cannot matter), m = NaN is NaN.
+// Each window is read twice (its maximum, then the powers), from cache.
+//
+// Backward passes are gathers, as in pool.cpp: one pass over the outputs computes each
+// window's coefficient, then each input row is written by one work item from the outputs
+// covering it, in output order — no atomics, bitwise identical for any thread count.
+//   LP:  dy/dx_i = y · u_i^(p-1) / (m·T)            (u = x/m, T = Σ u^p; 0 where T = 0, as torch)
+//   GeM: dy/dx_i = y · u_i^(p-1) / (m·T) · [x_i >= eps]    (u = max(x, eps)/m; n = window size),
+//        dy/dp   = (y/p) · (Σ u^p ln u / T - ln(T/n) / p)   (summed over outputs in float64).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace anypool {
+namespace {
+
+using at::Tensor;
+using namespace common;
+
+#define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// u^p with the small integer powers as products (IP = p; 0: any p, std::pow).
+template <int IP, typename V>
+inline V power(V u, V p) {
+  if constexpr (IP == 1) return u;
+  else if constexpr (IP == 2) return u * u;
+  else if constexpr (IP == 3) return u * u * u;
+  else if constexpr (IP == 4) return (u * u) * (u * u);
+  else return std::pow(u, p);
+}
+
+template <typename F>
+inline void with_power(double p, F&& f) {
+  if (p == 1.0) f(std::integral_constant<int, 1>{});
+  else if (p == 2.0) f(std::integral_constant<int, 2>{});
+  else if (p == 3.0) f(std::integral_constant<int, 3>{});
+  else if (p == 4.0) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
+template <typename V>
+inline bool is_nan(V v) { return v != v; }
+
+// Visits the elements of output (n, a, b, c)'s window, in row-major order, as f(pointer to its nk channels).
+template <typename T, typename F>
+inline void window(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, F&& f) {
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+    for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+      const T* row = xn + (d * H.L + h) * p.in_row();
+      for (int64_t i = W.start[c]; i < W.end[c]; ++i) f(row + i * p.K, (d * H.L + h) * W.L + i);
+    }
+}
+
+// The scaled sums of one window, per channel: scale (m where finite and > 0, else 1), T = Σ u^p
+// (u = t / scale, terms restricted to |t| = inf when m = inf) and, with LOG, Σ u^p ln u.
+template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
+inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, int64_t nk, acc_t pw,
+                        acc_t eps, acc_t* scale, acc_t* total, acc_t* logs) {
+  acc_t m[kBlock];
+  for (int64_t k = 0; k < nk; ++k) m[k] = 0;
+  window(xn, p, a, b, c, [&](const T* v, int64_t) {
+    for (int64_t k = 0; k < nk; ++k) {
+      acc_t t = static_cast<acc_t>(v[k]);
+      t = GEM ? (t < eps ? eps : t) : std::abs(t);  // (t < eps) is false for NaN: NaN stays
+      m[k] = (t > m[k] || is_nan(t)) ? t : m[k];
+    }
+  });
+  bool inf[kBlock];
+  for (int64_t k = 0; k < nk; ++k) {
+    inf[k] = std::isinf(m[k]);
+    scale[k] = (std::isfinite(m[k]) && m[k] > 0) ? m[k] : acc_t(1);
+    total[k] = 0;
+    if (LOG) logs[k] = 0;
+  }
+  window(xn, p, a, b, c, [&](const T* v, int64_t) {
+    for (int64_t k = 0; k < nk; ++k) {
+      acc_t t = static_cast<acc_t>(v[k]);
+      if (GEM) t = t < eps ? eps : t;
+      const acc_t u = t / scale[k];
+      const acc_t term = power<IP>(u, pw);
+      const bool skip = inf[k] & !std::isinf(t);
+      total[k] += skip ? acc_t(0) : term;
+      if (LOG) logs[k] += skip ? acc_t(0) : term * std::log(u);
+    }
+  });
+}
+
+template <bool GEM, int IP, typename T>
+void power_forward_kernel(const T* x, T* y, const Problem& p, double pw_, double eps_) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t pw = static_cast<acc_t>(pw_), eps = static_cast<acc_t>(eps_), root = acc_t(1) / pw;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, 2 * D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    acc_t scale[kBlock], total[kBlock];
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      T* out = y + ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+      for (int64_t c = 0; c < W.O; ++c) {
+        window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, scale, total, static_cast<acc_t*>(nullptr));
+        const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
+        for (int64_t k = 0; k < nk; ++k) {
+          const acc_t s = GEM ? total[k] / count : total[k];
+          out[c * p.K + k] = static_cast<T>(scale[k] * std::pow(s, root));
+        }
+      }
+    });
+  });
+}
+
+// Backward: coefficients per output (coef = g·y/(m·T) [/n], scale = m), then the gather.
+template <bool GEM, int IP, typename T>
+void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Problem& p, double pw_, double eps_) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t pw = static_cast<acc_t>(pw_), eps = static_cast<acc_t>(eps_), root = acc_t(1) / pw;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks();
+  const int64_t outputs = p.B * D.O * H.O * p.out_row();
+  std::vector<acc_t> coef(outputs), scales(outputs);
+  const int64_t per_item = std::max<int64_t>(1, 2 * D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  at::parallel_for(0, p.B * D.O * H.O * KB, grain(per_item), [&](int64_t lo, int64_t hi) {
+    acc_t scale[kBlock], total[kBlock], logs[kBlock];
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+      for (int64_t c = 0; c < W.O; ++c) {
+        if (gp) window_sums<GEM, IP, true>(xn, p, a, b, c, nk, pw, eps, scale, total, logs);
+        else window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, scale, total, logs);
+        const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t o = o0 + c * p.K + k;
+          const acc_t gk = static_cast<acc_t>(g[o]);
+          const acc_t s = GEM ? total[k] / count : total[k];
+          const acc_t yk = scale[k] * std::pow(s, root);
+          coef[o] = total[k] == 0 ? acc_t(0) : gk * yk / (scale[k] * total[k]);
+          scales[o] = scale[k];
+          if (gp) gp[o] = static_cast<double>(gk) * static_cast<double>(yk) / pw_ *
+                          (static_cast<double>(logs[k]) / static_cast<double>(total[k]) -
+                           std::log(static_cast<double>(s)) / pw_);
+        }
+      }
+    });
+  });
+  at::parallel_for(0, p.B * D.L * H.L * KB, grain(2 * p.in_row() / KB), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> acc_buffer(W.L * std::min(p.K, kBlock));
+    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+      const T* xr = x + r * p.in_row() + k0;
+      acc_t* __restrict__ acc = acc_buffer.data();
+      std::fill(acc, acc + W.L * nk, acc_t(0));
+      for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
+        for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
+          const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+          for (int64_t i = 0; i < W.L; ++i)
+            for (int64_t c = W.first[i]; c < W.stop[i]; ++c)
+              for (int64_t k = 0; k < nk; ++k) {
+                acc_t t = static_cast<acc_t>(xr[i * p.K + k]);
+                if (GEM) t = t < eps ? eps : t;
+                const int64_t o = o0 + c * p.K + k;
+                const acc_t u = t / scales[o];
+                acc[i * nk + k] += coef[o] * power<IP == 0 ? 0 : IP - 1>(u, pw - acc_t(1));
+              }
+        }
+      T* out = gin + r * p.in_row() + k0;
+      for (int64_t i = 0; i < W.L; ++i)
+        for (int64_t k = 0; k < nk; ++k) {
+          // the clamp passes the gradient where x >= eps (torch.clamp's rule); NaN passes
+          const bool pass = !GEM || !(static_cast<acc_t>(xr[i * p.K + k]) < eps);
+          out[i * p.K + k] = static_cast<T>(pass ? acc[i * nk + k] : acc_t(0));
+        }
+    });
+  });
+}
+
+// ---- avgmax: mean, max and argmax of each window in one pass -----------------------------
+
+// Contiguous spans (planar windows): sum and maximum with independent lanes, so they vectorise;
+// the argmax is then found by a short scan (first position equal to the maximum, or the last NaN).
+constexpr int kLanes = 16;
+
+template <typename acc_t, typename T>
+inline void span_sum_max(const T* __restrict__ v, int64_t n, acc_t& sum, acc_t& best, bool& nan) {
+  acc_t s[kLanes] = {}, m[kLanes];
+  bool bad[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t t = static_cast<acc_t>(v[i + l]);
+      s[l] += t;
+      m[l] = t > m[l] ? t : m[l];
+      bad[l] |= t != t;
+    }
+  for (; i < n; ++i) {
+    const acc_t t = static_cast<acc_t>(v[i]);
+    s[0] += t;
+    m[0] = t > m[0] ? t : m[0];
+    bad[0] |= t != t;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    sum += s[l];
+    best = m[l] > best ? m[l] : best;
+    nan |= bad[l];
+  }
+}
+
+template <typename T>
+void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t items = p.B * D.O * H.O;
+  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * W.L / (D.O * H.O));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    for_items(lo, hi, D.O, H.O, 1, [&](int64_t n, int64_t a, int64_t b, int64_t) {
+      const T* xn = x + n * D.L * H.L * W.L;
+      const int64_t o0 = ((n * D.O + a) * H.O + b) * W.O;
+      for (int64_t c = 0; c < W.O; ++c) {
+        acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+        bool nan = false;
+        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b]; ++h)
+            span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best, nan);
+        int64_t where = -1;  // PyTorch's pick, in row-major order
+        if (nan) {
+          for (int64_t d = D.end[a] - 1; d >= D.start[a] && where < 0; --d)
+            for (int64_t h = H.end[b] - 1; h >= H.start[b] && where < 0; --h)
+              for (int64_t i = W.end[c] - 1; i >= W.start[c]; --i)
+                if (is_nan(static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]))) {
+                  where = (d * H.L + h) * W.L + i;
+                  break;
+                }
+        } else {
+          for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
+            for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h)
+              for (int64_t i = W.start[c]; i < W.end[c]; ++i)
+                if (static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]) == best) {
+                  where = (d * H.L + h) * W.L + i;
+                  break;
+                }
+        }
+        const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
+        const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
+        ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
+        ym[o0 + c] = static_cast<T>(value);
+        yi[o0 + c] = where;
+      }
+    });
+  });
+}
+
+template <typename T>
+void avgmax_forward_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  if (p.K == 1) return avgmax_planar_kernel(x, ya, ym, yi, p, combine);
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
+  const int64_t per_item = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O * KB));
+  at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
+    acc_t sum[kBlock], best[kBlock];
+    int64_t where[kBlock];
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const T* xn = x + n * D.L * H.L * p.in_row() + k0;
+      const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+      for (int64_t c = 0; c < W.O; ++c) {
+        bool first = true;
+        window(xn, p, a, b, c, [&](const T* v, int64_t f) {
+          for (int64_t k = 0; k < nk; ++k) {
+            const acc_t t = static_cast<acc_t>(v[k]);
+            // in row-major order: the first maximum, or the last NaN (PyTorch's rule)
+            const bool take = first | (t > best[k]) | is_nan(t);
+            sum[k] = first ? t : sum[k] + t;
+            best[k] = take ? t : best[k];
+            where[k] = take ? f : where[k];
+          }
+          first = false;
+        });
+        const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t o = o0 + c * p.K + k;
+          const acc_t mean = sum[k] / count;
+          ya[o] = static_cast<T>(combine ? acc_t(0.5) * (mean + best[k]) : mean);
+          ym[o] = static_cast<T>(best[k]);
+          yi[o] = where[k];
+        }
+      }
+    });
+  });
+}
+
+// gin = avg backward of g_avg + max backward of g_max at the indices (each a gather, as pool.cpp).
+template <typename T>
+void avgmax_backward_kernel(const T* ga, const T* gm, const int64_t* gi, T* gin, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
+  at::parallel_for(0, items, grain(p.in_row() / KB + 2 * p.out_row() / KB), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> avg_buffer(W.O * std::min(p.K, kBlock)), acc_buffer(W.L * std::min(p.K, kBlock));
+    for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      const int64_t r = (n * D.L + d) * H.L + h;  // input row
+      const int64_t row0 = (d * H.L + h) * W.L;   // its flat offset in the plane
+      acc_t* __restrict__ av = avg_buffer.data();
+      acc_t* __restrict__ acc = acc_buffer.data();
+      std::fill(av, av + W.O * nk, acc_t(0));
+      std::fill(acc, acc + W.L * nk, acc_t(0));
+      for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
+        for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
+          const int64_t rows = D.size(a) * H.size(b);
+          const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+          for (int64_t c = 0; c < W.O; ++c) {
+            const acc_t s = acc_t(1) / acc_t(rows * W.size(c));
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t o = o0 + c * p.K + k;
+              av[c * nk + k] += static_cast<acc_t>(ga[o]) * s;
+              const int64_t f = gi[o] - row0;
+              if (f >= 0 && f < W.L) acc[f * nk + k] += static_cast<acc_t>(gm[o]);
+            }
+          }
+        }
+      T* out = gin + r * p.in_row() + k0;
+      for (int64_t i = 0; i < W.L; ++i)
+        for (int64_t k = 0; k < nk; ++k) {
+          acc_t s = acc[i * nk + k];
+          for (int64_t c = W.first[i]; c < W.stop[i]; ++c) s += av[c * nk + k];
+          out[i * p.K + k] = static_cast<T>(s);
+        }
+    });
+  });
+}
+
+// ---- the ops ------------------------------------------------------------------------------
+
+Tensor power_forward(const Tensor& x, at::IntArrayRef output_size, double pw, double eps, bool gem) {
+  check(x, output_size, "output_size");
+  TORCH_CHECK(pw > 0 && std::isfinite(pw), "anypool_cpu: the exponent must be positive and finite, got ", pw);
+  const bool cl = channels_last(x);
+  const Tensor xp = physical(x, cl);
+  Tensor out = layout_empty(x, output_size, cl, x.scalar_type());
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  ANYPOOL_DISPATCH(x.scalar_type(), "power_forward", [&] {
+    with_power(pw, [&](auto IPc) {
+      constexpr int IP = decltype(IPc)::value;
+      if (gem) power_forward_kernel<true, IP>(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, pw, eps);
+      else power_forward_kernel<false, IP>(xp.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, pw, eps);
+    });
+  });
+  return out;
+}
+
+Tensor lp_forward(const Tensor& x, at::IntArrayRef output_size, double norm_type) {
+  return power_forward(x, output_size, norm_type, 0.0, false);
+}
+
+Tensor gem_forward(const Tensor& x, at::IntArrayRef output_size, double pw, double eps) {
+  return power_forward(x, output_size, pw, eps, true);
+}
+
+// (grad x, per-output contributions to grad p in float64 — empty unless p_grad)
+std::tuple<Tensor, Tensor> power_backward(const Tensor& grad_out, const Tensor& x, double pw, double eps, bool gem,
+                                          bool p_grad) {
+  check(x, grad_out.sizes().slice(2), "grad_out's spatial size");
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) && grad_out.scalar_type() == x.scalar_type(),
+              "anypool_cpu: grad_out must match x in batch, channels and dtype");
+  const bool cl = channels_last(x);
+  const Tensor xp = physical(x, cl);
+  const Tensor gp = physical(grad_out, cl);  // read in x's order
+  Tensor gin = layout_empty(x, x.sizes().slice(2), cl, x.scalar_type());
+  Tensor pg = at::empty({p_grad ? gp.numel() : 0}, x.options().dtype(at::kDouble));
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), grad_out.sizes().slice(2), cl, true);
+  ANYPOOL_DISPATCH(x.scalar_type(), "power_backward", [&] {
+    with_power(pw, [&](auto IPc) {
+      constexpr int IP = decltype(IPc)::value;
+      double* pgp = p_grad ? pg.mutable_data_ptr<double>() : nullptr;
+      if (gem) power_backward_kernel<true, IP>(gp.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>(),
+                                               gin.mutable_data_ptr<scalar_t>(), pgp, p, pw, eps);
+      else power_backward_kernel<false, IP>(gp.const_data_ptr<scalar_t>(), xp.const_data_ptr<scalar_t>(),
+                                            gin.mutable_data_ptr<scalar_t>(), nullptr, p, pw, eps);
+    });
+  });
+  return {gin, pg};
+}
+
+Tensor lp_backward(const Tensor& grad_out, const Tensor& x, double norm_type) {
+  return std::get<0>(power_backward(grad_out, x, norm_type, 0.0, false, false));
+}
+
+std::tuple<Tensor, Tensor> gem_backward(const Tensor& grad_out, const Tensor& x, double pw, double eps, bool p_grad) {
+  return power_backward(grad_out, x, pw, eps, true, p_grad);
+}
+
+std::tuple<Tensor, Tensor, Tensor> avgmax_forward(const Tensor& x, at::IntArrayRef output_size, bool combine) {
+  check(x, output_size, "output_size");
+  const bool cl = channels_last(x);
+  const Tensor xp = physical(x, cl);
+  Tensor a = layout_empty(x, output_size, cl, x.scalar_type());
+  Tensor m = layout_empty(x, output_size, cl, x.scalar_type());
+  Tensor idx = layout_empty(x, output_size, cl, at::kLong);
+  const Problem p = problem(x.size(0), x.size(1), x.sizes().slice(2), output_size, cl, false);
+  ANYPOOL_DISPATCH(x.scalar_type(), "avgmax_forward", [&] {
+    avgmax_forward_kernel(xp.const_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(),
+                          m.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>(), p, combine);
+  });
+  return {a, m, idx};
+}
+
+Tensor avgmax_backward(const Tensor& grad_avg, const Tensor& grad_max, const Tensor& indices,
+                       at::IntArrayRef input_size) {
+  check(grad_avg, input_size, "input_size");
+  TORCH_CHECK(grad_max.sizes() == grad_avg.sizes() && grad_max.scalar_type() == grad_avg.scalar_type(),
+              "anypool_cpu: grad_max must match grad_avg");
+  TORCH_CHECK(indices.sizes() == grad_avg.sizes() && indices.scalar_type() == at::kLong,
+              "anypool_cpu: indices must be int64 of grad_avg's shape");
+  const bool cl = channels_last(grad_avg);
+  const Tensor ga = physical(grad_avg, cl), gm = physical(grad_max, cl), ip = physical(indices, cl);
+  Tensor gin = layout_empty(grad_avg, input_size, cl, grad_avg.scalar_type());
+  const Problem p = problem(grad_avg.size(0), grad_avg.size(1), input_size, grad_avg.sizes().slice(2), cl, true);
+  ANYPOOL_DISPATCH(grad_avg.scalar_type(), "avgmax_backward", [&] {
+    avgmax_backward_kernel(ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), ip.const_data_ptr<int64_t>(),
+                           gin.mutable_data_ptr<scalar_t>(), p);
+  });
+  return gin;
+}
+
+}  // namespace
+}  // namespace anypool
+
+TORCH_LIBRARY_FRAGMENT(anypool_cpu, m) {
+  m.def("lp_forward(Tensor x, int[] output_size, float norm_type) -> Tensor");
+  m.def("lp_backward(Tensor grad_out, Tensor x, float norm_type) -> Tensor");
+  m.def("gem_forward(Tensor x, int[] output_size, float p, float eps) -> Tensor");
+  m.def("gem_backward(Tensor grad_out, Tensor x, float p, float eps, bool p_grad) -> (Tensor, Tensor)");
+  m.def("avgmax_forward(Tensor x, int[] output_size, bool combine) -> (Tensor, Tensor, Tensor)");
+  m.def("avgmax_backward(Tensor grad_avg, Tensor grad_max, Tensor indices, int[] input_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anypool_cpu, CPU, m) {
+  m.impl("lp_forward", &anypool::lp_forward);
+  m.impl("lp_backward", &anypool::lp_backward);
+  m.impl("gem_forward", &anypool::gem_forward);
+  m.impl("gem_backward", &anypool::gem_backward);
+  m.impl("avgmax_forward", &anypool::avgmax_forward);
+  m.impl("avgmax_backward", &anypool::avgmax_backward);
+}
