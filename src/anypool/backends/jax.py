@@ -494,7 +494,10 @@ def _power_mean(x, spec: PoolSpec, p, mean: bool, floor):
     acc = _acc_dtype(x.dtype)
     w, mask, k = _product_windows(x.astype(acc), spec)
     t = w if floor is None else jnp.maximum(w, jnp.asarray(floor, acc))  # NaN stays NaN
-    m = lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(t), 0), axis=k, keepdims=True))
+    m = jnp.where(mask, jnp.abs(t), 0)
+    for a in sorted(k, reverse=True):  # not jnp.max: see _max_over
+        m = _max_over(m, a)
+    m = lax.stop_gradient(jnp.expand_dims(m, k))
     scale = jnp.where(jnp.isfinite(m) & (m > 0), m, 1)
     keep = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count
     p = jnp.asarray(p, acc)
