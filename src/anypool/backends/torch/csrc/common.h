@@ -1,7 +1,6 @@
-// Pieces shared by the C++ kernels: the canonical (B, D, H, W, K) buffer of a logical
-// (N, C, *S) tensor, its windows, and the work-item helpers (see the comment atop pool.cpp,
-// whose layout rules these are).  reductions.cpp includes this; pool.cpp still defines the same
-// pieces in its own anonymous namespace (identical code, to be replaced by this header).
+// Pieces shared by the C++ kernels (pool.cpp, reductions.cpp): the canonical (B, D, H, W, K)
+// buffer of a logical (N, C, *S) tensor, its windows (per sample with `sizes`), and the
+// work-item helpers; the layout rules are described atop pool.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -19,17 +19,24 @@ namespace common {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 64;               // channels per work item (channels_last)
+constexpr int64_t kBlock = 64;            // channels per work item (channels_last)
 constexpr int64_t kGrainElements = 1 << 15;  // elements touched per task at least: small calls run inline
 
 inline int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_item, 1)); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The canonical buffer (B, D, H, W, K) of one side (input or output) and its windows.
 struct Problem {
   int64_t B = 1, K = 1;
-  Axis d, h, w;  // L = input length, O = output length of each canonical axis
+  Axis d, h, w;  // L = input length, O = output length of each canonical axis (padded extents)
+  std::vector<Axis> samples;  // with per-sample sizes: (d, h, w) of each sample
+  int64_t per = 1;            // buffer rows b per sample (planar: C)
   int64_t blocks() const { return ceil_div(K, kBlock); }
+  bool per_sample() const { return !samples.empty(); }
+  // the windows of axis k (0 = d, 1 = h, 2 = w) for buffer row b
+  const Axis& axis(int64_t b, int k) const {
+    if (samples.empty()) return k == 0 ? d : k == 1 ? h : w;
+    return samples[3 * (b / per) + k];
+  }
   int64_t in_row() const { return w.L * K; }
   int64_t out_row() const { return w.O * K; }
 };
@@ -51,10 +58,11 @@ inline Tensor layout_empty(const Tensor& x, at::IntArrayRef spatial, bool cl, at
   return cl ? t.movedim(-1, 1) : t;
 }
 
-// A global pool (every output 1) is one row of prod(S) positions: flat index = position.
-inline Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, bool cl, bool covers) {
+inline Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef out, bool cl, bool covers,
+                       const std::optional<Tensor>& sizes = std::nullopt) {
   int64_t L[3] = {1, 1, 1}, O[3] = {1, 1, 1};
-  const bool global = std::all_of(out.begin(), out.end(), [](int64_t o) { return o == 1; });
+  // a global pool is one row of the flat plane, but a sample's valid region is not a prefix of it
+  const bool global = !sizes.has_value() && std::all_of(out.begin(), out.end(), [](int64_t o) { return o == 1; });
   if (global) {
     for (int64_t s : in) L[2] *= s;
   } else {
@@ -70,10 +78,31 @@ inline Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef
   p.d = Axis(L[0], O[0], covers);
   p.h = Axis(L[1], O[1], covers);
   p.w = Axis(L[2], O[2], covers);
+  if (sizes.has_value()) {
+    const int64_t k = static_cast<int64_t>(in.size()), pad = 3 - k;
+    const Tensor t = sizes->to(at::kLong).contiguous();
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == 2 * k, "anypool_cpu: sizes must be (N, 2k) = (", N,
+                ", ", 2 * k, "), got ", t.sizes());
+    const int64_t* v = t.const_data_ptr<int64_t>();
+    p.per = cl ? 1 : C;
+    p.samples.reserve(3 * N);
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t l[3] = {1, 1, 1}, o[3] = {1, 1, 1};
+      for (int64_t a = 0; a < k; ++a) {
+        l[pad + a] = v[n * 2 * k + a];
+        o[pad + a] = v[n * 2 * k + k + a];
+        TORCH_CHECK(l[pad + a] >= 1 && l[pad + a] <= in[a] && o[pad + a] >= 1 && o[pad + a] <= out[a],
+                    "anypool_cpu: sample ", n, " has sizes (", l[pad + a], ", ", o[pad + a], ") on axis ", a,
+                    "; expected 1..", in[a], " and 1..", out[a]);
+      }
+      for (int a = 0; a < 3; ++a) p.samples.emplace_back(l[a], o[a], covers);
+    }
+  }
   return p;
 }
 
-// Calls f(n, a, b, kb) for the items lo..hi of the row-major grid (N, A, B, KB).
+// Calls f(n, a, b, kb) for the items lo..hi of the row-major grid (N, A, B, KB): lo is
+// decomposed once and the counters stepped (no divisions per item: items can be tiny).
 template <typename F>
 inline void for_items(int64_t lo, int64_t hi, int64_t A, int64_t Bn, int64_t KB, F&& f) {
   int64_t kb = lo % KB, r = lo / KB, b = r % Bn, a = r / Bn % A, n = r / (Bn * A);
