@@ -702,37 +702,50 @@ def _acc(dtype: tf.DType) -> tf.DType:
 
 def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, function: str):
     x = tf.convert_to_tensor(x)
+    if 0 in spec.output_size:
+        return _empty(x, spec)
     if not _static(spec):
         raise _args.static_spatial_size(spec, function)
-    if 0 in spec.output_size:
-        return tf.zeros(spec.output_shape, x.dtype)
     acc = _acc(x.dtype)
     w = tf.cast(x, acc)
-    valid = []
+    masks = []
     for d, (axis, length, out) in enumerate(zip(spec.spatial_axes, spec.input_size, spec.output_size)):
-        a = axis + d
         index = _bins.window_index(length, out)
-        w = tf.gather(w, index, axis=a)
-        valid.append((a, np.arange(index.shape[1]) < _bins.axis_bins(length, out).lengths[:, None]))
+        w = tf.gather(w, index, axis=axis + d)  # spatial axis d becomes (O_d, K_d)
+        masks.append(np.arange(index.shape[1]) < _bins.axis_bins(length, out).lengths[:, None])
+    # as (before, prod O, after, prod K): TensorFlow's elementwise kernels broadcast only up to
+    # rank 5, and a 3-D pool's product window has rank 8
+    first, rank = spec.spatial_axes[0], spec.rank
+    o_axes = [first + 2 * d for d in range(rank)]
+    k_axes = [first + 2 * d + 1 for d in range(rank)]
     ndim = len(w.shape)
-    mask = np.ones((1,) * ndim, bool)
-    for a, ok in valid:
-        shape = [1] * ndim
-        shape[a], shape[a + 1] = ok.shape
+    perm = list(range(first)) + o_axes + list(range(first + 2 * rank, ndim)) + k_axes
+    dims = _dims(x)
+    after = _prod(dims[spec.spatial_axes[-1] + 1:])
+    n_out, n_window = math.prod(spec.output_size), math.prod(m.shape[1] for m in masks)
+    w = tf.reshape(tf.transpose(w, perm), tf.stack([tf.constant(-1, tf.int64), n_out, tf.cast(after, tf.int64),
+                                                    n_window]))
+    mask = np.ones((1,) * (2 * rank), bool)
+    for d, ok in enumerate(masks):  # (O_1, ..., O_r, K_1, ..., K_r)
+        shape = [1] * (2 * rank)
+        shape[d], shape[rank + d] = ok.shape
         mask = mask & ok.reshape(shape)
-    k = [a + 1 for a, _ in valid]
+    mask = mask.reshape(1, n_out, 1, n_window)
+    count = tf.constant(mask.sum(axis=3, keepdims=True), acc)
+    mask = tf.constant(mask)
     t = w if floor is None else tf.where(w < floor, tf.constant(floor, acc), w)  # NaN stays NaN
-    m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=k, keepdims=True))
+    m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=3, keepdims=True))
     scale = tf.where(tf.math.is_finite(m) & (m > 0), m, tf.ones_like(m))
     keep = tf.logical_and(mask, tf.logical_or(tf.logical_not(tf.math.is_inf(m)), tf.math.is_inf(t)))
     p = tf.constant(p, acc) if isinstance(p, (int, float)) else tf.cast(p, acc)  # (a float cast via float32 rounds)
     terms = tf.where(keep, tf.pow(t / scale, p), tf.zeros_like(t))
-    total = tf.reduce_sum(terms, axis=k, keepdims=True)
+    total = tf.reduce_sum(terms, axis=3, keepdims=True)
     if mean:
-        total = total / tf.constant(mask.sum(axis=tuple(k), keepdims=True), acc)
+        total = total / count
     zero = tf.equal(total, 0)  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
     root = tf.where(zero, tf.zeros_like(total), tf.pow(tf.where(zero, tf.ones_like(total), total), 1 / p))
-    return tf.cast(tf.squeeze(scale * root, axis=k), x.dtype)
+    out_dims = dims[:first] + list(spec.output_size) + dims[spec.spatial_axes[-1] + 1:]
+    return tf.cast(tf.reshape(scale * root, tf.stack([tf.cast(d, tf.int64) for d in out_dims])), x.dtype)
 
 
 def lp_pool(x, spec: PoolSpec, norm_type: float):
