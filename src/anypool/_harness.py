@@ -147,10 +147,8 @@ class Case:
             flat = x.reshape(-1)
             for v in (np.nan, np.inf, -np.inf):
                 flat[rng.choice(flat.size, max(1, flat.size // 20))] = v
-        if self.dtype == "bfloat16":  # round to the nearest bfloat16 (ties to even)
-            bits = x.astype(np.float32).view(np.uint32)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return np.where(np.isnan(x), np.float32(np.nan), rounded.view(np.float32)).astype(np.float32)
+        if self.dtype == "bfloat16":  # bfloat16-exact values, held as float32
+            return round_to(x, "bfloat16").astype(np.float32)
         return x.astype(self.dtype)
 
     def describe(self) -> str:
