@@ -122,7 +122,7 @@ class Case:
     def coverage(self) -> int:
         """The most outputs one input position contributes to (the terms of its gradient)."""
         spec = self.spec
-        return math.prod(-(-O // L) + 1 for L, O in zip(spec.input_size, spec.output_size))
+        return math.prod(_bins.max_cover_expr(L, O) for L, O in zip(spec.input_size, spec.output_size))
 
     @property
     def avg_tolerance(self) -> float:
