@@ -648,3 +648,65 @@ def test_cli_explain_valid(capsys):
     assert cli.main(["explain", "10", "3", "--valid", "11"]) == 2
     assert "anypool explain(valid_sizes): got 11 for sample 0, spatial axis 0; expected a size from 1 to the " \
            "padded size 10" in capsys.readouterr().err
+
+
+# --- the differential harness on padded batches -------------------------------------------------------
+
+
+def _harness_clean(column, cases):
+    from anypool import _harness
+
+    report = _harness.check(column, cases)
+    assert not report.failures, "\n".join(report.failures[:10])
+    return report
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_harness_padded_batches(impl):
+    """Random padded batches (every dtype, layout, storage, NaN/inf) against the crops pooled by the reference."""
+    import importlib
+
+    from anypool import _harness
+
+    backend = importlib.import_module(f"anypool.backends.{'numpy' if impl == 'numpy' else 'torch'}")
+    cases = _harness.random_cases(300, seed=31, valid=1.0)
+    assert sum(c.valid is not None for c in cases) > 250
+    # the C++ kernels by the default dispatch (which sends what they do not serve, e.g. empty outputs, to portable)
+    with ops.force_implementation("portable" if impl == "portable" else None):
+        _harness_clean(_harness.anypool_column(backend), cases)
+
+
+def test_harness_padded_batches_torch_native_loop():
+    """The users' workaround (native calls on each crop) agrees with the reference on the same cases."""
+    from anypool import _harness
+
+    _harness_clean(_harness.torch_native_column(), _harness.random_cases(200, seed=32, valid=1.0))
+
+
+@pytest.mark.parametrize("column", ["jax", "onnxruntime"])
+def test_harness_padded_batches_other_columns(column):
+    from anypool import _harness
+
+    cases = _harness.random_cases(40, seed=33, valid=1.0)
+    if column == "jax":
+        pytest.importorskip("jax")
+        from anypool.backends import jax as backend
+
+        found = _harness.anypool_column(backend)
+    else:
+        found = pytest.importorskip("anypool.onnx").harness_columns()[0]
+    _harness_clean(found, cases)
+
+
+def test_harness_rejects_plain_pooling_of_padded_batches():
+    """The harness can fail: pooling the padded tensor as if every sample were full-size is caught."""
+    from dataclasses import replace
+
+    from anypool import _harness
+
+    column = _harness.anypool_column(ref)
+    plain = _harness.Column("ignores valid_sizes", lambda case, x, op: column.run(replace(case, valid=None), x, op))
+    cases = [c for c in _harness.random_cases(60, seed=34, valid=1.0, dtypes=("float64",))
+             if any(row != c.spec.input_size for row in c.valid)]
+    report = _harness.check(plain, cases)
+    assert len(report.failures) > len(cases), report.failures[:3]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -107,6 +107,12 @@ class Case:
     values: str  # "normal", "ties" (small integers) or "special" (NaN and ±inf sprinkled in)
     seed: int
     storage: str = "contiguous"  # or "memory_format" (torch's channels_last memory) or "view" (see restride)
+    valid: tuple[tuple[int, ...], ...] | None = None  # ``valid_sizes``: one row of spatial sizes per sample
+
+    @property
+    def valid_sizes(self) -> np.ndarray | None:
+        """``valid`` as the int64 ``(N, rank)`` array the functions take, or ``None``."""
+        return None if self.valid is None else np.array(self.valid, dtype=np.int64).reshape(-1, self.rank)
 
     @property
     def rank(self) -> int:
@@ -114,15 +120,23 @@ class Case:
 
     @property
     def window(self) -> int:
-        """The most input positions one output reduces."""
-        spec = self.spec
-        return math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
+        """The most input positions one output reduces (in any sample's valid region)."""
+        return max(math.prod(_bins.max_window(L, O) for L, O in zip(c.spec.input_size, c.spec.output_size))
+                   for c in self.samples())
 
     @property
     def coverage(self) -> int:
         """The most outputs one input position contributes to (the terms of its gradient)."""
-        spec = self.spec
-        return math.prod(_bins.max_cover_expr(L, O) for L, O in zip(spec.input_size, spec.output_size))
+        return max(math.prod(_bins.max_cover_expr(L, O) for L, O in zip(c.spec.input_size, c.spec.output_size))
+                   for c in self.samples())
+
+    def samples(self) -> list[Case]:
+        """With ``valid``: one batch-1 case per sample, cropped to its valid region; else ``[self]``."""
+        if self.valid is None:
+            return [self]
+        channels = self.shape[-1 if self.data_format == "channels_last" else 1]
+        return [replace(self, shape=(1, *sizes, channels) if self.data_format == "channels_last" else
+                        (1, channels, *sizes), valid=None) for sizes in self.valid]
 
     @property
     def avg_tolerance(self) -> float:
@@ -152,8 +166,9 @@ class Case:
         return x.astype(self.dtype)
 
     def describe(self) -> str:
+        valid = "" if self.valid is None else f" valid_sizes={list(map(list, self.valid))}"
         return (f"shape={self.shape} output_size={self.output_size} {self.data_format} {self.dtype} "
-                f"{self.values} seed={self.seed} storage={self.storage}")
+                f"{self.values} seed={self.seed} storage={self.storage}{valid}")
 
 
 STORAGES = ("contiguous", "memory_format", "view")
@@ -161,12 +176,14 @@ STORAGES = ("contiguous", "memory_format", "view")
 
 def random_cases(n: int, seed: int = 0, ranks: Iterable[int] = (1, 2, 3), dtypes: Iterable[str] = DTYPES,
                  data_formats: Iterable[str] = _args.DATA_FORMATS, max_length: int = 24, long_length: int = 300,
-                 unbatched: bool = True, empty: bool = True, storages: Iterable[str] = STORAGES) -> list[Case]:
+                 unbatched: bool = True, empty: bool = True, storages: Iterable[str] = STORAGES,
+                 valid: float = 0.0) -> list[Case]:
     """``n`` random cases: non-divisible sizes, upsampling (O > L), size-1 axes, ``None`` and
     (with ``empty``) 0 entries, unbatched and channels_last inputs, every dtype, NaN/inf and ties.
 
     Most axes are at most ``max_length`` long; about one case in six has one axis of up to
-    ``long_length`` (windows longer than any tile or vector width; 0 turns this off).
+    ``long_length`` (windows longer than any tile or vector width; 0 turns this off).  A share
+    ``valid`` of the cases are padded batches with random ``valid_sizes`` (see :func:`_random_valid`).
     """
     rng = np.random.default_rng(seed)
     ranks, dtypes, formats, storages = list(ranks), list(dtypes), list(data_formats), list(storages)
@@ -182,13 +199,23 @@ def random_cases(n: int, seed: int = 0, ranks: Iterable[int] = (1, 2, 3), dtypes
             spatial[axis] = int(rng.integers(max_length + 1, longest + 1))
         outputs = [_random_output(rng, length, empty) for length in spatial]
         channels = int(rng.integers(1, 4))
-        lead = [] if unbatched and rng.random() < 0.25 else [int(rng.integers(1, 3))]
+        padded = valid > 0 and rank <= 3 and rng.random() < valid  # no draw otherwise: same cases as before
+        lead = [] if unbatched and not padded and rng.random() < 0.25 else [int(rng.integers(1, 5 if padded else 3))]
         data_format = str(rng.choice(formats))
         shape = lead + ([channels] + spatial if data_format == "channels_first" else spatial + [channels])
         cases.append(Case(tuple(shape), tuple(outputs), data_format, str(rng.choice(dtypes)),
                           str(rng.choice(["normal", "normal", "ties", "special"])), int(rng.integers(2**31)),
-                          str(rng.choice(storages, p=_storage_weights(storages)))))
+                          str(rng.choice(storages, p=_storage_weights(storages))),
+                          _random_valid(rng, lead[0], spatial) if padded else None))
     return cases
+
+
+def _random_valid(rng, n: int, spatial: list[int]) -> tuple[tuple[int, ...], ...]:
+    """Sizes of ``n`` samples padded to ``spatial``: each axis 1, full or anything between; one sample full."""
+    rows = [tuple(int(rng.choice([1, L, rng.integers(1, L + 1), rng.integers(1, L + 1)])) for L in spatial)
+            for _ in range(n)]
+    rows[int(rng.integers(n))] = tuple(spatial)
+    return tuple(rows)
 
 
 def _random_output(rng, length: int, empty: bool):
@@ -241,7 +268,14 @@ def restride(arr, storage: str):
 
 def expected(case: Case, x: np.ndarray, op: str):
     """The reference result for ``op`` on ``x``: an :class:`Accumulated` mean for ``"avg"``,
-    values (and indices) for ``"max"``/``"argmax"`` (float32 for bfloat16 cases)."""
+    values (and indices) for ``"max"``/``"argmax"`` (float32 for bfloat16 cases).
+
+    A padded batch (``case.valid``) gets each sample's own result on its crop, alone, placed in
+    the padded output (0 beyond a sample's length on ``None`` axes); indices count positions of
+    the padded plane.
+    """
+    if case.valid is not None:
+        return per_sample(case, x, lambda sample, crop: expected(sample, crop, op))
     if op == "avg":
         spec = case.spec
         x64 = x.astype(np.float64)
@@ -255,6 +289,8 @@ def expected_gradient(case: Case, op: str, grad_output, indices=None) -> Accumul
     """The reference gradient of ``op`` ("avg" or "max") w.r.t. the input for ``grad_output``
     (channels_first or channels_last as ``case``); ``indices``: the max positions (take them from an
     independent source, e.g. :func:`expected`, so that a wrong index cannot pass)."""
+    if case.valid is not None:
+        return _per_sample_gradient(case, op, grad_output, indices)
     spec = case.spec
     g = np.asarray(grad_output, dtype=np.float64)
     if op == "avg":
@@ -262,6 +298,61 @@ def expected_gradient(case: Case, op: str, grad_output, indices=None) -> Accumul
     else:
         value, magnitude = reference.max_pool_grad(g, indices, spec), reference.max_pool_grad(np.abs(g), indices, spec)
     return Accumulated.of(value, magnitude, case.coverage, case.rank, case.dtype)
+
+
+def _crop_index(spec: _args.PoolSpec, sizes) -> tuple:
+    """The index of the leading ``sizes`` region of each spatial axis of a ``spec``-shaped array."""
+    index = [slice(None)] * len(spec.shape)
+    for axis, size in zip(spec.spatial_axes, sizes):
+        index[axis] = slice(0, size)
+    return tuple(index)
+
+
+def _reindex(indices: np.ndarray, from_size, to_size) -> np.ndarray:
+    """Flat offsets into a plane of ``from_size`` as flat offsets into the plane of ``to_size``."""
+    return np.ravel_multi_index(np.unravel_index(indices, from_size), to_size).astype(indices.dtype)
+
+
+def per_sample(case: Case, x: np.ndarray, pool: Callable[[Case, np.ndarray], object]):
+    """``pool(sample_case, crop)`` of every sample of a padded batch, assembled like one padded result.
+
+    ``pool`` returns values, ``(values, indices)`` (indices into the crop's plane) or an
+    :class:`Accumulated`; each sample's output lands in the leading region of the padded output.
+    """
+    spec = case.spec
+    parts = []
+    for i, (sample, sizes) in enumerate(zip(case.samples(), case.valid)):
+        out = pool(sample, x[i:i + 1][_crop_index(spec, sizes)])
+        if isinstance(out, tuple):
+            out = (out[0], _reindex(out[1], sizes, spec.input_size))
+        parts.append((sample.spec.output_size, out))
+
+    def assemble(pick):
+        first = pick(parts[0][1])
+        full = np.zeros(spec.output_shape, dtype=first.dtype)
+        for i, (size, out) in enumerate(parts):
+            full[i:i + 1][_crop_index(spec, size)] = pick(out)
+        return full
+
+    first = parts[0][1]
+    if isinstance(first, Accumulated):
+        return Accumulated(assemble(lambda a: a.value), assemble(lambda a: a.bound))
+    if isinstance(first, tuple):
+        return assemble(lambda o: o[0]), assemble(lambda o: o[1])
+    return assemble(lambda o: o)
+
+
+def _per_sample_gradient(case: Case, op: str, grad_output, indices) -> Accumulated:
+    """:func:`expected_gradient` of a padded batch: each sample's crop gradient, 0 on the padding."""
+    spec = case.spec
+    value, bound = np.zeros(spec.shape), np.zeros(spec.shape)
+    for i, (sample, sizes) in enumerate(zip(case.samples(), case.valid)):
+        region = _crop_index(spec, sample.spec.output_size)
+        own = None if indices is None else _reindex(np.asarray(indices)[i:i + 1][region], spec.input_size, sizes)
+        grad = expected_gradient(sample, op, np.asarray(grad_output)[i:i + 1][region], own)
+        crop = (slice(i, i + 1), *_crop_index(spec, sizes)[1:])
+        value[crop], bound[crop] = grad.value, grad.bound
+    return Accumulated(value, bound)
 
 
 def compare(case: Case, op: str, got, want) -> tuple[float, str | None]:
@@ -306,13 +397,14 @@ class Column:
 
     ``rounds_once``: the column promises anypool's contract for averages (accumulate in float32 or
     float64, round once to the output dtype), held exactly; other columns (the frameworks' own ops)
-    are held to ``Case.avg_tolerance``.
+    are held to ``Case.avg_tolerance``.  ``ops``: the ops it has at all (layers return no indices).
     """
 
     name: str
     run: Callable[[Case, np.ndarray, str], object]
     supports: Callable[[Case, str], bool] = lambda case, op: True
     rounds_once: bool = True
+    ops: tuple[str, ...] = OPS
 
     def expected(self, case: Case, x: np.ndarray, op: str):
         """The reference this column is held to (:func:`expected`, as plain values unless ``rounds_once``)."""
@@ -331,9 +423,9 @@ class Report:
 def check(column: Column, cases: Iterable[Case], ops: Iterable[str] = OPS, progress=None,
           min_share: float = 0.5) -> Report:
     """Run ``column`` on every case and op it supports; it fails when it served less than
-    ``min_share`` of them (a ``supports`` filter that silently drops most of the cases)."""
+    ``min_share`` of the cases times its ``ops`` (a ``supports`` filter that silently drops most of them)."""
     report = Report(column.name)
-    ops = tuple(ops)
+    ops = tuple(op for op in ops if op in column.ops)
     offered = 0
     for case in cases:
         offered += len(ops)
@@ -362,10 +454,10 @@ def anypool_column(backend) -> Column:
 
     def run(case: Case, x: np.ndarray, op: str):
         arr = restride(backend.from_numpy(x, case.dtype), case.storage)
+        kw = dict(data_format=case.data_format, valid_sizes=case.valid_sizes)
         if op == "avg":
-            return _to_numpy(backend, anypool.adaptive_avg_pool(arr, case.output_size, data_format=case.data_format))
-        out = anypool.adaptive_max_pool(arr, case.output_size, data_format=case.data_format,
-                                        return_indices=op == "argmax")
+            return _to_numpy(backend, anypool.adaptive_avg_pool(arr, case.output_size, **kw))
+        out = anypool.adaptive_max_pool(arr, case.output_size, return_indices=op == "argmax", **kw)
         return tuple(_to_numpy(backend, o) for o in out) if op == "argmax" else _to_numpy(backend, out)
 
     def supports(case: Case, op: str) -> bool:
@@ -387,6 +479,8 @@ def torch_native_column() -> Column:
     import torch.nn.functional as F
 
     def run(case: Case, x: np.ndarray, op: str):
+        if case.valid is not None:  # the users' workaround: one native call per cropped sample
+            return per_sample(case, x, lambda sample, crop: run(sample, crop, op))
         spec = case.spec
         t = restride(torch.from_numpy(x).to(getattr(torch, case.dtype)), case.storage)
         if spec.channels_last:  # native ops want channels first

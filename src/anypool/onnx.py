@@ -164,9 +164,9 @@ def verify(f, reference_fn: Callable, shapes: Sequence[Sequence[int]], *, dtype=
 
 # --------------------------------------------------------------------------- harness column
 @functools.lru_cache(maxsize=256)
-def _harness_session(op: str, output_size: tuple[int, ...], dtype: str):
+def _harness_session(op: str, output_size: tuple[int | None, ...], dtype: str, valid_sizes: bool):
     """An ONNX Runtime session of the dynamic-shape graph for ``(N, C, *S)`` inputs of any size."""
-    return _session(standalone_model(op, output_size, dtype))
+    return _session(standalone_model(op, output_size, dtype, valid_sizes=valid_sizes))
 
 
 def harness_columns():
@@ -181,8 +181,14 @@ def harness_columns():
             x = np.moveaxis(x, -1, 1 if spec.batched else 0)
         if not spec.batched:
             x = x[None]
-        session = _harness_session("avg" if op == "avg" else "argmax", spec.output_size, case.dtype)
-        outs = session.run(None, {"x": np.ascontiguousarray(x)})
+        graph_op = "avg" if op == "avg" else "argmax"
+        feeds = {"x": np.ascontiguousarray(x)}
+        if case.valid is None:
+            session = _harness_session(graph_op, spec.output_size, case.dtype, False)
+        else:  # None entries stay None: each sample's own length
+            session = _harness_session(graph_op, case.output_size, case.dtype, True)
+            feeds["valid_sizes"] = case.valid_sizes
+        outs = session.run(None, feeds)
         outs = [o[0] if not spec.batched else o for o in outs][:2 if op == "argmax" else 1]
         if spec.channels_last:
             outs = [np.moveaxis(o, 1 if spec.batched else 0, -1) for o in outs]

@@ -56,3 +56,12 @@ def test_a_mask_that_is_not_a_prefix_raises():
     with pytest.raises(ValueError, match=r"AdaptiveAveragePooling1D\(mask\): got row 0 = 1101; expected a mask "
                                          r"that is True on a non-empty prefix"):
         layer(keras.ops.convert_to_tensor(x), mask=keras.ops.convert_to_tensor(mask))
+
+
+def test_harness_padded_batches():
+    """The layers on the shared harness's random padded batches, against the crops pooled alone."""
+    from anypool import _harness
+
+    column, = layers.harness_columns()
+    report = _harness.check(column, _harness.random_cases(40, seed=36, valid=1.0, unbatched=False), ops=("avg", "max"))
+    assert not report.failures, "\n".join(report.failures[:10])

@@ -102,3 +102,12 @@ def test_gradients_match_reference_and_vanish_on_padding(seed):
             want = reference.max_pool_grad(np.where(present, g, 0), idx, spec)
         np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-12)
         assert (grad[padding] == 0).all()
+
+
+def test_harness_padded_batches():
+    """The shared harness's random padded batches (every dtype, layout, NaN/inf) against the crops pooled alone."""
+    from anypool import _harness
+    from anypool.backends import tensorflow as backend
+
+    report = _harness.check(_harness.anypool_column(backend), _harness.random_cases(150, seed=35, valid=1.0))
+    assert not report.failures, "\n".join(report.failures[:10])

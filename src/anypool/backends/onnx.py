@@ -565,31 +565,56 @@ def _dtype_proto(dtype: str) -> int:
     return {"float32": _FLOAT, "float64": _DOUBLE, "float16": _FLOAT16}[dtype]
 
 
-def standalone_model(op: str, output_size: Sequence[int], dtype: str = "float32",
-                     input_size: Sequence[int | None] | None = None, opset: int = DEFAULT_OPSET):
+def _sample_sizes(e: _Emitter, valid_sizes, output_size):
+    """The ``(N, 2·rank)`` table the padded-batch builders take: each sample's input lengths, then its
+    output lengths (the output size, or its own input length where ``output_size`` is ``None``)."""
+    columns = []
+    for d, o in enumerate(output_size):
+        own = e("Slice", valid_sizes, _i64(e, [d]), _i64(e, [d + 1]), _i64(e, [1]))
+        columns.append(own if o is None else e("Expand", _i64(e, [[o]]), e("Shape", own)))
+    return e("Concat", valid_sizes, *columns, axis=1)
+
+
+def standalone_model(op: str, output_size: Sequence[int | None], dtype: str = "float32",
+                     input_size: Sequence[int | None] | None = None, opset: int = DEFAULT_OPSET,
+                     valid_sizes: bool = False):
     """The graph the exporters produce, as a self-contained ``onnx.ModelProto`` (no torch needed).
 
     ``op``: ``"avg"``, ``"max"`` (values) or ``"argmax"`` (values, indices).  Input ``x`` of shape
-    ``(N, C, *input_size)``; ``input_size`` entries ``None`` (default: all) are dynamic.
+    ``(N, C, *input_size)``; ``input_size`` entries ``None`` (default: all) are dynamic.  With
+    ``valid_sizes`` the graph pools a padded batch and takes a second input ``valid_sizes``
+    (int64 ``(N, rank)``); ``output_size`` entries may then be ``None`` (each sample's own length).
     """
     from onnx import helper
 
-    output_size = _output_size(output_size, "anypool.onnx.standalone_model")
+    if valid_sizes:
+        output_size = [o if o is None else _output_size([o], "anypool.onnx.standalone_model")[0]
+                       for o in output_size]
+    else:
+        output_size = _output_size(output_size, "anypool.onnx.standalone_model")
     rank = len(output_size)
     input_size = [None] * rank if input_size is None else list(input_size)
     proto = _dtype_proto(dtype)
     e = _ProtoEmitter(opset)
-    if op == "avg":
+    inputs = [helper.make_tensor_value_info("x", proto, ["N", "C", *[s or f"S{i}" for i, s in enumerate(input_size)]])]
+    if valid_sizes:
+        inputs.append(helper.make_tensor_value_info("valid_sizes", _INT64, ["N", rank]))
+    if valid_sizes:
+        sizes = _sample_sizes(e, "valid_sizes", output_size)
+        build = build_avg_valid if op == "avg" else build_max_valid
+        outs = build(e, "x", sizes, output_size, rank + 2, proto, input_size)
+        outs = [outs] if op == "avg" else list(outs)
+    elif op == "avg":
         outs = [build_avg(e, "x", output_size, rank + 2, proto, input_size)]
     else:
-        values, index = build_max(e, "x", output_size, rank + 2, proto, input_size, op == "argmax")
-        outs = [values, index] if op == "argmax" else [values]
-    out_names = ["y", "indices"][:len(outs)]
+        outs = list(build_max(e, "x", output_size, rank + 2, proto, input_size, op == "argmax"))
+    out_names = ["y", "indices"][:2 if op == "argmax" else 1]
+    outs = outs[:len(out_names)]
     e.nodes += [helper.make_node("Identity", [v], [n]) for v, n in zip(outs, out_names)]
+    out_dims = ["N", "C", *[o if o is not None else f"O{i}" for i, o in enumerate(output_size)]]
     graph = helper.make_graph(
-        e.nodes, f"anypool_{op}_{rank}d",
-        [helper.make_tensor_value_info("x", proto, ["N", "C", *[s or f"S{i}" for i, s in enumerate(input_size)]])],
-        [helper.make_tensor_value_info(n, proto if n == "y" else _INT64, ["N", "C", *output_size]) for n in out_names])
+        e.nodes, f"anypool_{op}_{rank}d", inputs,
+        [helper.make_tensor_value_info(n, proto if n == "y" else _INT64, out_dims) for n in out_names])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 

@@ -121,12 +121,12 @@ def harness_columns():
 
     def run(case, x, op):
         layer = LAYERS[op, case.rank](case.output_size, data_format=case.data_format, dtype=case.dtype)
-        y = layer(keras.ops.cast(keras.ops.convert_to_tensor(x), case.dtype))
+        y = layer(keras.ops.cast(keras.ops.convert_to_tensor(x), case.dtype), valid_sizes=case.valid_sizes)
         return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32" if case.dtype == "bfloat16" else case.dtype))
 
-    def supports(case, op):  # layers take a batch and return no indices
-        return op != "argmax" and case.spec.batched and 1 <= case.rank <= 3 and \
+    def supports(case, op):  # layers take a batch
+        return case.spec.batched and 1 <= case.rank <= 3 and \
             (case.dtype != "float64" or _has_float64())
 
-    return [Column(f"keras[{keras.backend.backend()}] layers", run, supports)]
+    return [Column(f"keras[{keras.backend.backend()}] layers", run, supports, ops=("avg", "max"))]
 
