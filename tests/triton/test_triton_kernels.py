@@ -314,3 +314,85 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "compiled" in done.stdout, done.stdout
+
+
+# ---------------------------------------------------------------- padded batches (sizes=)
+
+def _padded_batch(seed: int, rank: int, dtype: str):
+    """A random padded batch ``(x, sizes, padded output size, keep)`` for the ``sizes=`` kernels.
+
+    Sample 0 is full size, sample 1 has size 1 on every axis; output sizes mix ``None`` (kept
+    axes: each sample's output is its own length), 1, downsampling and upsampling.  The valid
+    regions hold normal values, ties and NaN/±inf; the padding NaN, ±inf and huge values, so any
+    read of it shows.
+    """
+    rng = np.random.default_rng(seed)
+    n, c = 3, int(rng.integers(1, 4))
+    padded = [int(s) for s in rng.integers(2, 7 if rank < 3 else 5, rank)]
+    valid = np.stack([rng.integers(1, s + 1, n) for s in padded], axis=1)
+    valid[0], valid[1] = padded, 1
+    out = [None if k == 0 else 1 if k == 1 else int(rng.integers(1, 2 * s + 2))
+           for k, s in zip(rng.integers(0, 4, rank), padded)]
+    keep = tuple(o is None for o in out)
+    out_padded = tuple(s if o is None else o for o, s in zip(out, padded))
+    x = rng.choice([-2.0, 0.0, 1.0, 3.0], (n, c, *padded)) + (rng.standard_normal((n, c, *padded)) if seed % 2 else 0)
+    special = rng.random(x.shape)
+    x[special < 0.04] = np.nan
+    x[(special > 0.96)] = np.inf
+    x = torch.from_numpy(x).to(DTYPES[dtype]).double().numpy()  # exact in dtype
+    pad = np.ones(x.shape, bool)
+    for i, v in enumerate(valid):
+        pad[(i, slice(None), *(slice(0, s) for s in v))] = False
+    x[pad] = rng.choice([np.nan, np.inf, -np.inf, 6e4], int(pad.sum()))
+    outs = np.array([[s if o is None else o for o, s in zip(out, v)] for v in valid])
+    sizes = torch.from_numpy(np.concatenate([valid, outs], axis=1))
+    return x, sizes, valid, out_padded, keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sizes_match_each_cropped_sample(seed):
+    """Values, indices (into the padded plane) and gradients (0 on the padding) against the
+    NumPy reference of each sample cropped alone; every dtype, both layouts, ranks 1-3."""
+    rank, dtype, layout = 1 + seed % 3, ("float32", "float16", "bfloat16")[seed % 3], ("nchw", "cl")[seed // 3]
+    x, sizes, valid, out, keep = _padded_batch(seed, rank, dtype)
+    spec = _args.pool_spec(x.shape, out, rank)
+    t = _relayout(torch.from_numpy(x).to(DTYPES[dtype]).to(DEVICE), layout)
+    sizes = sizes.to(DEVICE)
+    # the most summands per output / per input gradient over the batch's own windows
+    own = [list(zip(v, s)) for v, s in zip(valid.tolist(), sizes[:, rank:].tolist())]
+    window = max(np.prod([_bins.max_window(L, O) for L, O in axes]) for axes in own)
+    cover = max(np.prod([_bins.max_cover_expr(L, O) for L, O in axes]) for axes in own)
+
+    with np.errstate(invalid="ignore"):
+        want = reference.avg_pool(x, spec, valid, keep)
+        magnitude = reference.avg_pool(np.abs(x), spec, valid, keep)
+    got = tk.avg_forward(t, out, sizes=sizes)
+    problem = _harness.Accumulated.of(want, magnitude, window, rank, dtype).problem(got.float().cpu().numpy(), dtype)
+    assert problem is None, f"avg: {problem}"
+
+    want_v, want_i = reference.max_pool(x, spec, True, valid, keep)
+    values, indices = tk.max_forward(t, out, sizes=sizes)
+    np.testing.assert_array_equal(values.float().cpu().numpy(), want_v)
+    np.testing.assert_array_equal(indices.cpu().numpy(), want_i)
+
+    g = _random(values.shape, dtype, seed)
+    g64 = g.cpu().double().numpy()
+    want = reference.avg_pool_grad_valid(g64, spec, valid, keep)
+    magnitude = reference.avg_pool_grad_valid(np.abs(g64), spec, valid, keep)
+    got = tk.avg_backward(g, x.shape[2:], sizes=sizes)
+    problem = _harness.Accumulated.of(want, magnitude, cover, rank, dtype).problem(got.float().cpu().numpy(), dtype)
+    assert problem is None, f"avg grad: {problem}"
+    # max: the reference's indices place each present output's gradient (absent outputs have none)
+    present = reference.avg_pool(np.ones(x.shape), spec, valid, keep) > 0
+    g_present = np.where(present, g64, 0.0)
+    want = reference.max_pool_grad(g_present, want_i, spec)
+    magnitude = reference.max_pool_grad(np.abs(g_present), want_i, spec)
+    got = tk.max_backward(g, indices, x.shape[2:], sizes=sizes)
+    problem = _harness.Accumulated.of(want, magnitude, cover, rank, dtype).problem(got.float().cpu().numpy(), dtype)
+    assert problem is None, f"max grad: {problem}"
+    padding = np.isnan(x) & False
+    for i, v in enumerate(valid):
+        padding[i] = True
+        padding[(i, slice(None), *(slice(0, s) for s in v))] = False
+    for grad in (tk.avg_backward(g, x.shape[2:], sizes=sizes), got):  # exactly 0, not just close
+        assert (grad.float().cpu().numpy()[padding] == 0).all(), "gradient on the padding"
