@@ -250,7 +250,7 @@ if triton is not None:
                         keep = m & ~(infinite & (tl.abs(t) != float("inf")))
                         acc += tl.where(keep, term, 0.0)
                         if P_GRAD:
-                            logs += tl.where(keep, term * tl.log(u), 0.0)
+                            logs += tl.where(keep, term * tl.log(tl.where(keep, u, 1.0)), 0.0)
         y_off = n * syn + c * syc + od * syd + oh * syh + o * syw
         count = tl.where(mask_in, (d1 - d0) * (h1 - h0) * (w1 - w0), 1).to(tl.float32)
         if MAX:
@@ -480,6 +480,9 @@ def avgmax_backward(grad_avg: torch.Tensor, grad_max: torch.Tensor, indices: tor
 
 def _power_backward(grad_out, x, power: int, p: float, eps: float, p_grad: bool):
     """LP/GeM backward: per-output coefficients (one pass over the windows), then the gather."""
+    if grad_out.shape[:2] != x.shape[:2] or grad_out.dim() != x.dim() or grad_out.dtype != x.dtype:
+        raise ValueError(f"anypool triton: grad_out {tuple(grad_out.shape)} {grad_out.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype} in batch, channels, rank and dtype")
     coef, scale, dp = _forward(x, grad_out.shape[2:], power=power, p=p, eps=eps, grad=grad_out, p_grad=p_grad)
     gin = _backward(x, x.shape[2:], g=coef, h=scale, x=x, power=power, p=p, eps=eps)
     return gin, (dp.double().sum() if p_grad else None)  # a fixed order: torch's sum is deterministic
