@@ -2,7 +2,8 @@
 
 Runs the kernels on CPU tensors under ``TRITON_INTERPRET=1`` (how ``make test`` runs
 this directory) or, without the interpreter, on CUDA when a GPU is present.  Every
-kernel variant: avg/max forward and backward, spatial rank 1/2/3, NCHW,
+kernel variant: avg/max, LP/GeM (with dL/dp), avgmax forward and backward, per-sample
+sizes (padded batches), spatial rank 1/2/3, NCHW,
 channels_last and arbitrary strides, float32/float16/bfloat16, NaN/inf, ties,
 upsampling, size-1 axes, windows longer than a tile, int32 and int64 offsets.
 """

@@ -1,4 +1,5 @@
-"""Triton GPU kernels: adaptive avg/max pooling forward and a deterministic, atomic-free backward.
+"""Triton GPU kernels: adaptive avg/max, LP, GeM and avgmax pooling forward and a deterministic,
+atomic-free backward (one generic kernel each way, specialised by constexpr flags).
 
 Every function works on a *logical* batched channels-first tensor ``x`` of shape
 ``(N, C, *S)``, ``len(S)`` in 1..3, with arbitrary strides: NCHW-contiguous,
@@ -15,6 +16,9 @@ and the backward is a gather: input ``i`` adds up the outputs ``j`` covering it,
 reproducible (no atomics).  Sums accumulate in float32 for float16/bfloat16/float32.
 Max: NaN propagates, ties keep the first row-major position, a window holding NaN
 reports its last NaN; indices are int64 flat offsets into the spatial plane.
+LP/GeM scale each window by its largest term (no float32 overflow for a large ``p``); GeM's
+dL/dp is summed per output in float64 on the host.  With ``sizes`` (padded batches) each
+sample's windows come from its own lengths, read in the kernel (no per-sample loop).
 
 Spatial rank 1 and 2 run as rank 3 with leading length-1 axes.  Offsets are int32
 unless a tensor spans 2**30 elements or an ``L * O`` product reaches 2**30 (masked
