@@ -78,6 +78,26 @@ def main(show_ptxas: bool) -> None:
         values, indices = tk.max_forward(x, out)
         tk.avg_backward(avg, shape[2:])
         tk.max_backward(values, indices, shape[2:])
+        if (dtype, layout) not in ((torch.float32, "cl"), (torch.bfloat16, "cl")) and not int64:
+            continue  # the variants below: in fewer combinations (each compile takes ~1 s)
+        # padded batches: per-sample sizes (valid input lengths, then output lengths)
+        sizes = torch.tensor([[10, 12, 4, 5], [3, 7, 4, 5]])
+        avg = tk.avg_forward(x, out, sizes=sizes)
+        values, indices = tk.max_forward(x, out, sizes=sizes)
+        tk.avg_backward(avg, shape[2:], sizes=sizes)
+        tk.max_backward(values, indices, shape[2:], sizes=sizes)
+        if int64:
+            continue
+        # the reductions: LP (a product power and libdevice's pow), GeM with and without dL/dp, avgmax
+        for p in (2.0, 2.5):
+            lp = tk.lp_forward(x, out, p)
+            tk.lp_backward(lp, x, p)
+            gem = tk.gem_forward(x, out, p, 1e-6)
+            tk.gem_backward(gem, x, p, 1e-6, True)
+        tk.gem_backward(gem, x, 3.0, 1e-6, False)
+        for combine in (True, False):
+            first, values, indices = tk.avgmax_forward(x, out, combine)
+        tk.avgmax_backward(first, values, indices, shape[2:])
     print(f"compiled {len(compiled)} variants for sm_90 in {time.perf_counter() - start:.1f} s")
     if show_ptxas:
         cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -88,7 +108,7 @@ def main(show_ptxas: bool) -> None:
                 usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
             regs = re.search(r"REG:(\d+)", usage)
             spills = re.search(r"STACK:(\d+)", usage)
-            shown = {m: v for m, v in meta if m.startswith(("BLOCK", "IS_", "CL", "INT"))}
+            shown = {m: v for m, v in meta if m.startswith(("BLOCK", "SUM", "MAX", "POWER", "HAS_", "CL", "INT"))}
             print(name, [str(d) for d in dtypes], shown, "registers", regs and regs[1], "stack", spills and spills[1])
 
 

@@ -184,3 +184,65 @@ def test_public_api_torch_compile_fullgraph():
     x.grad = None
     want.sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sizes_against_native_per_sample(channels_last):
+    """A padded batch with per-sample sizes equals native CUDA pooling of each cropped sample (values, indices
+    mapped into the padded plane, gradients; 0 on the padding)."""
+    gen = torch.Generator().manual_seed(5)
+    n, c, padded, out = 12, 32, (40, 33), (7, 5)
+    valid = torch.stack([torch.randint(1, s + 1, (n,), generator=gen) for s in padded], 1)
+    valid[0] = torch.tensor(padded)
+    valid[1] = 1
+    sizes = torch.cat([valid, torch.tensor(out).expand(n, 2)], 1).cuda()
+    x = torch.randn(n, c, *padded, generator=gen).cuda()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    avg = tk.avg_forward(x, out, sizes=sizes)
+    values, indices = tk.max_forward(x, out, sizes=sizes)
+    g = torch.randn(avg.shape, generator=gen).cuda()
+    ga = tk.avg_backward(g, padded, sizes=sizes)
+    gm = tk.max_backward(g, indices, padded, sizes=sizes)
+    for i, (h, w) in enumerate(valid.tolist()):
+        crop = x[i:i + 1, :, :h, :w].detach().clone().requires_grad_()
+        want = F.adaptive_avg_pool2d(crop, out)
+        torch.testing.assert_close(avg[i:i + 1], want, rtol=2e-6, atol=2e-6)
+        (want * g[i:i + 1]).sum().backward()
+        torch.testing.assert_close(ga[i:i + 1, :, :h, :w], crop.grad, rtol=2e-6, atol=2e-6)
+        assert ga[i, :, h:].abs().sum() == 0 and ga[i, :, :, w:].abs().sum() == 0
+        want_v, want_i = F.adaptive_max_pool2d(crop.detach(), out, return_indices=True)
+        assert torch.equal(values[i:i + 1], want_v)
+        assert torch.equal(indices[i:i + 1], (want_i // w) * padded[1] + want_i % w)
+        assert gm[i, :, h:].abs().sum() == 0 and gm[i, :, :, w:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reductions_against_native_composites(channels_last):
+    """avgmax, GeM (with dL/dp) and LP (libdevice's pow on the GPU) against torch's composites in float64."""
+    x = torch.rand(8, 48, 29, 31, generator=torch.Generator().manual_seed(6)).cuda() + 0.05
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = (7, 6)
+    x64 = x.double().requires_grad_()
+    first, values, indices = tk.avgmax_forward(x, out, True)
+    want = 0.5 * (F.adaptive_avg_pool2d(x64, out) + F.adaptive_max_pool2d(x64, out))
+    torch.testing.assert_close(first.double(), want, rtol=1e-6, atol=1e-6)
+    g = torch.randn(first.shape, generator=torch.Generator().manual_seed(7)).cuda()
+    (want * g.double()).sum().backward()
+    grad = tk.avgmax_backward(0.5 * g, 0.5 * g, indices, x.shape[2:])
+    torch.testing.assert_close(grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    for p in (3.0, 2.7):
+        x64 = x.double().requires_grad_()
+        p64 = torch.tensor(p, dtype=torch.float64, device="cuda", requires_grad=True)
+        want = F.adaptive_avg_pool2d(x64.clamp(1e-6).pow(p64), out).pow(1 / p64)
+        torch.testing.assert_close(tk.gem_forward(x, out, p, 1e-6).double(), want, rtol=1e-5, atol=1e-6)
+        (want * g.double()).sum().backward()
+        gx, gp = tk.gem_backward(g, x, p, 1e-6, True)
+        torch.testing.assert_close(gx.double(), x64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gp, p64.grad, rtol=1e-4, atol=1e-5)
+    x64 = x.double().requires_grad_()
+    lp_x = x[..., :28, :30]  # divisible: native lp_pool2d's fixed windows are the adaptive ones
+    lp = tk.lp_forward(lp_x, (7, 6), 2.5)
+    want = F.lp_pool2d(x64[..., :28, :30], 2.5, (4, 5))
+    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-6)
