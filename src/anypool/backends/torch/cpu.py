@@ -28,9 +28,12 @@ __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backwa
            "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
 
 VALID_SIZES = True  # the kernels take per-sample sizes (see ops.py, "padded batches")
+# results already have the strides ops.py's fake impls promise (layout_empty in csrc/common.h follows
+# ops._layout_empty; tests/test_torch_cpu.py holds them), so the eager path skips ops._conform
+EXACT_LAYOUT = True
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("pool.cpp", "reductions.cpp")
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 # The instruction sets of each capability torch reports, as GCC/Clang flags.
 _CAPABILITY_FLAGS = {
@@ -80,8 +83,9 @@ _ops = torch.ops.anypool_cpu
 
 def supports(x: torch.Tensor, output_size) -> bool:
     """Whether this path serves ``x`` pooled to ``output_size`` (else the portable path does)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and 3 <= x.dim() <= 5 and len(output_size) == x.dim() - 2
-            and x.numel() > 0 and all(int(o) > 0 for o in output_size))
+    d = x.dim()
+    return (x.is_cpu and x.dtype in _DTYPES and 3 <= d <= 5 and len(output_size) == d - 2 and x.numel() > 0
+            and min(output_size) > 0)
 
 
 def avg_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
