@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from anypool import _args, _bins, _harness  # noqa: E402
 from anypool.backends import numpy as ref  # noqa: E402
@@ -237,3 +238,16 @@ def test_no_compiler_falls_back_to_portable_with_one_warning(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "WARNINGS 1\n" in run.stdout, run.stdout
     assert "no-such-compiler" in run.stdout and "portable" in run.stdout, run.stdout
+
+
+def test_a_stale_build_lock_is_removed_with_a_warning(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu._clear_stale_lock(lock)  # a fresh lock belongs to a running build: kept, silently
+    assert lock.exists()
+    old = time.time() - cpu._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale C.. build lock .*lock"):
+        cpu._clear_stale_lock(lock)
+    assert not lock.exists()
+    cpu._clear_stale_lock(lock)  # no lock: nothing to do

@@ -18,8 +18,11 @@ and uses the portable path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +50,27 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+_STALE_LOCK_S = 30 * 60  # far longer than a build takes (a few minutes): its builder died
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove torch's build lock left behind by a build that was killed.
+
+    ``cpp_extension.load`` waits, without a limit, for the lock file a running build holds; one
+    left by a killed build would hang every later import.  A lock older than any build is removed,
+    with a warning naming it.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"anypool: removing the stale C++ build lock {lock} ({age / 60:.0f} min old; its build "
+                      "was interrupted)", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
 def build() -> str:
     """Compile (or load the cached build of) the extension; returns the build directory.
 
@@ -63,6 +87,7 @@ def build() -> str:
     name = f"anypool_cpu_{capability.lower()}"
     directory = _cache_dir() / f"torch-{torch.__version__}" / name
     directory.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(directory / "lock")
     try:
         cpp_extension.load(
             name=name,
