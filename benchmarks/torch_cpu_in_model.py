@@ -6,10 +6,10 @@ input's size, untimed), as in a model: medians of 15 calls, three interleaved ro
 
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import after_native_op, machine, native_op_like
 
 import anypool
 
@@ -18,17 +18,6 @@ CASES = [((32, 512, 14, 14), (7, 7)), ((8, 64, 224, 224), (7, 7)), ((64, 2048, 7
          ((16, 256, 37, 53), (5, 9)), ((1, 2048, 7, 7), (1, 1)), ((1, 512, 14, 14), (7, 7)),
          ((1, 64, 224, 224), (7, 7)), ((64, 256, 1000), (10,)), ((64, 256, 1000), (333,)),
          ((4, 64, 16, 56, 56), (4, 7, 7)), ((2, 32, 9, 33, 33), (4, 5, 6))]
-
-
-def after_native_op(fn, native_op, reps=15):
-    """Median ms of ``fn()``, each call timed right after an untimed ``native_op()``."""
-    times = []
-    for _ in range(reps):
-        native_op()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def steps(x, out, op, mode):
@@ -43,6 +32,7 @@ def steps(x, out, op, mode):
 
 def main(op="avg", mode="fwd", only=None):
     torch.set_num_threads(2)
+    print(machine())
     for channels_last in (False, True):
         for shape, out in CASES:
             if (only and only not in str(shape)) or (channels_last and len(shape) == 3):
@@ -50,8 +40,7 @@ def main(op="avg", mode="fwd", only=None):
             x = torch.randn(shape)
             if channels_last:
                 x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-            scratch = torch.empty_like(x)
-            relu = lambda: torch.clamp_min(x, 0, out=scratch)  # noqa: B023 (used within this iteration)
+            relu = native_op_like(x)
             ours, native = steps(x, out, op, mode)
             ours(), native()
             rounds = [(after_native_op(ours, relu), after_native_op(native, relu)) for _ in range(3)]

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from anypool import _args, _bins, _harness  # noqa: E402
 from anypool.backends import numpy as ref  # noqa: E402
@@ -166,6 +167,32 @@ def test_supports():
     assert not cpu.supports(torch.randn(1, 1, 2, 2, 2, 2), [1, 1, 1, 1])  # spatial rank 4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS + ["one channel", "unit spatial"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_results_have_the_promised_strides(rank, layout):
+    # the eager path skips ops._conform for this module (EXACT_LAYOUT): every result must already
+    # have the strides the custom ops' fake impls promise, in every layout (ambiguous ones included)
+    assert cpu.EXACT_LAYOUT
+    c = 1 if layout == "one channel" else 5
+    size = (1,) * rank if layout == "unit spatial" else tuple(range(4, 4 + rank))
+    x = torch.randn(2, c, *size)
+    if layout in ("channels_last", "one channel", "unit spatial"):
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":
+        x = torch.randn(2, c, *(2 * s for s in size))[(slice(None), slice(None)) + (slice(None, None, 2),) * rank]
+    out = [2] * rank
+    spatial = list(x.shape[2:])
+    y = cpu.avg_forward(x, out)
+    values, indices = cpu.max_forward(x, out)
+    first, vmax, imax = cpu.avgmax_forward(x, out, True)
+    promised = ops._layout_strides(x, out)
+    for r in (y, values, indices, cpu.lp_forward(x, out, 2.0), cpu.gem_forward(x, out, 3.0, 1e-6), first, vmax, imax):
+        assert r.stride() == promised
+    g = y.clone() if not portable.channels_last(y) else y.movedim(1, -1).contiguous().movedim(-1, 1)
+    assert cpu.avg_backward(g, spatial).stride() == ops._layout_strides(g, spatial)
+    assert cpu.max_backward(g, indices, spatial).stride() == ops._layout_strides(g, spatial)
+
+
 @pytest.mark.parametrize("L,O", [(1, 1), (7, 3), (3, 7), (10, 10), (224, 7), (7, 224), (600, 37), (1000, 333)])
 def test_cpp_window_formulas_equal_bins(L, O):
     got = torch.ops.anypool_cpu.bins(L, O).numpy()
@@ -211,3 +238,16 @@ def test_no_compiler_falls_back_to_portable_with_one_warning(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "WARNINGS 1\n" in run.stdout, run.stdout
     assert "no-such-compiler" in run.stdout and "portable" in run.stdout, run.stdout
+
+
+def test_a_stale_build_lock_is_removed_with_a_warning(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu._clear_stale_lock(lock)  # a fresh lock belongs to a running build: kept, silently
+    assert lock.exists()
+    old = time.time() - cpu._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale C.. build lock .*lock"):
+        cpu._clear_stale_lock(lock)
+    assert not lock.exists()
+    cpu._clear_stale_lock(lock)  # no lock: nothing to do

@@ -18,8 +18,11 @@ and uses the portable path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,9 +31,12 @@ __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backwa
            "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
 
 VALID_SIZES = True  # the kernels take per-sample sizes (see ops.py, "padded batches")
+# results already have the strides ops.py's fake impls promise (layout_empty in csrc/common.h follows
+# ops._layout_empty; tests/test_torch_cpu.py holds them), so the eager path skips ops._conform
+EXACT_LAYOUT = True
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("pool.cpp", "reductions.cpp")
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 # The instruction sets of each capability torch reports, as GCC/Clang flags.
 _CAPABILITY_FLAGS = {
@@ -42,6 +48,27 @@ _CAPABILITY_FLAGS = {
 def _cache_dir() -> Path:
     root = os.environ.get("ANYPOOL_CACHE_DIR") or Path.home() / ".cache" / "anypool"
     return Path(root)
+
+
+_STALE_LOCK_S = 30 * 60  # far longer than a build takes (a few minutes): its builder died
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove torch's build lock left behind by a build that was killed.
+
+    ``cpp_extension.load`` waits, without a limit, for the lock file a running build holds; one
+    left by a killed build would hang every later import.  A lock older than any build is removed,
+    with a warning naming it.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"anypool: removing the stale C++ build lock {lock} ({age / 60:.0f} min old; its build "
+                      "was interrupted)", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
 
 
 def build() -> str:
@@ -60,6 +87,7 @@ def build() -> str:
     name = f"anypool_cpu_{capability.lower()}"
     directory = _cache_dir() / f"torch-{torch.__version__}" / name
     directory.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(directory / "lock")
     try:
         cpp_extension.load(
             name=name,
@@ -80,8 +108,9 @@ _ops = torch.ops.anypool_cpu
 
 def supports(x: torch.Tensor, output_size) -> bool:
     """Whether this path serves ``x`` pooled to ``output_size`` (else the portable path does)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and 3 <= x.dim() <= 5 and len(output_size) == x.dim() - 2
-            and x.numel() > 0 and all(int(o) > 0 for o in output_size))
+    d = x.dim()
+    return (x.is_cpu and x.dtype in _DTYPES and 3 <= d <= 5 and len(output_size) == d - 2 and x.numel() > 0
+            and min(output_size) > 0)
 
 
 def avg_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> torch.Tensor:

@@ -240,6 +240,9 @@ adaptive_max_pool_backward.register_autograd(_max_backward_grad, setup_context=_
 # directly (through an autograd.Function when a gradient is needed); anything that traces
 # — torch.compile, torch.export, jit.trace, ONNX export, dispatch modes, functorch — keeps
 # the custom ops, which are what those systems understand.
+# The Functions take ``ctx`` in ``forward`` (no separate ``setup_context``): with one,
+# ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~20 µs).
+# Functorch transforms need ``setup_context``, and they take the custom ops anyway.
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -248,31 +251,48 @@ def _eager(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _fit(module: ModuleType, out: torch.Tensor, x: torch.Tensor, spatial, dtype=None) -> torch.Tensor:
+    """:func:`_conform`, skipped for a module whose results already have those strides (``EXACT_LAYOUT``)."""
+    return out if getattr(module, "EXACT_LAYOUT", False) else _conform(out, x, spatial, dtype)
+
+
+def _avg_eager(x: torch.Tensor, output_size) -> torch.Tensor:
+    impl = implementation(x, output_size)
+    return _fit(impl, impl.avg_forward(x, output_size), x, output_size)
+
+
+def _max_eager(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = implementation(x, output_size)
+    values, indices = impl.max_forward(x, output_size)
+    return _fit(impl, values, x, output_size), _fit(impl, indices, x, output_size, torch.int64)
 
 
 class _EagerAvg(torch.autograd.Function):
     @staticmethod
-    def forward(x, output_size):
-        return _conform(implementation(x, output_size).avg_forward(x, output_size), x, output_size)
-
-    setup_context = staticmethod(_avg_setup)
+    def forward(ctx, x, output_size):
+        ctx.input_size = list(x.shape[2:])
+        return _avg_eager(x, output_size)
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # double backward: the differentiable op
             return _avg_grad(ctx, grad)
         impl = implementation(grad, grad.shape[2:])
-        return _conform(impl.avg_backward(grad, ctx.input_size), grad, ctx.input_size), None
+        return _fit(impl, impl.avg_backward(grad, ctx.input_size), grad, ctx.input_size), None
 
 
 class _EagerMax(torch.autograd.Function):
     @staticmethod
-    def forward(x, output_size):
-        values, indices = implementation(x, output_size).max_forward(x, output_size)
-        return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
-
-    setup_context = staticmethod(_max_setup)
+    def forward(ctx, x, output_size):
+        values, indices = _max_eager(x, output_size)
+        ctx.input_size = list(x.shape[2:])
+        ctx.save_for_backward(indices)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
 
     @staticmethod
     def backward(ctx, grad_values, grad_indices):
@@ -281,25 +301,25 @@ class _EagerMax(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         impl = implementation(grad_values, grad_values.shape[2:])
         grad = impl.max_backward(grad_values, indices, ctx.input_size)
-        return _conform(grad, grad_values, ctx.input_size), None
-
-
-def _run(function: type[torch.autograd.Function], op, x: torch.Tensor, output_size: list[int]):
-    if not _eager(x):
-        return op(x, output_size)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return function.apply(x, output_size)
-    return function.forward(x, output_size)  # no graph to record: skip autograd's bookkeeping too
+        return _fit(impl, grad, grad_values, ctx.input_size), None
 
 
 def avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
     """``anypool::adaptive_avg_pool``, run directly in plain eager mode."""
-    return _run(_EagerAvg, adaptive_avg_pool, x, output_size)
+    if not _eager(x):
+        return adaptive_avg_pool(x, output_size)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _EagerAvg.apply(x, output_size)
+    return _avg_eager(x, output_size)  # no graph to record: skip autograd's bookkeeping too
 
 
 def max_pool(x: torch.Tensor, output_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``anypool::adaptive_max_pool``, run directly in plain eager mode."""
-    return _run(_EagerMax, adaptive_max_pool, x, output_size)
+    if not _eager(x):
+        return adaptive_max_pool(x, output_size)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _EagerMax.apply(x, output_size)
+    return _max_eager(x, output_size)
 
 
 # --- padded batches (valid_sizes) ---------------------------------------------------------------
@@ -446,10 +466,13 @@ adaptive_max_pool_valid_backward.register_autograd(_max_valid_backward_grad, set
 
 class _EagerAvgValid(torch.autograd.Function):
     @staticmethod
-    def forward(x, sizes, output_size):
-        return _conform(implementation_valid(x, output_size).avg_forward(x, output_size, sizes=sizes), x, output_size)
+    def forward(ctx, x, sizes, output_size):
+        _avg_valid_setup(ctx, (x, sizes, output_size), None)
+        return _EagerAvgValid.run(x, sizes, output_size)
 
-    setup_context = staticmethod(_avg_valid_setup)
+    @staticmethod
+    def run(x, sizes, output_size):
+        return _conform(implementation_valid(x, output_size).avg_forward(x, output_size, sizes=sizes), x, output_size)
 
     @staticmethod
     def backward(ctx, grad):
@@ -462,11 +485,15 @@ class _EagerAvgValid(torch.autograd.Function):
 
 class _EagerMaxValid(torch.autograd.Function):
     @staticmethod
-    def forward(x, sizes, output_size):
+    def forward(ctx, x, sizes, output_size):
+        values, indices = _EagerMaxValid.run(x, sizes, output_size)
+        _max_valid_setup(ctx, (x, sizes, output_size), (values, indices))
+        return values, indices
+
+    @staticmethod
+    def run(x, sizes, output_size):
         values, indices = implementation_valid(x, output_size).max_forward(x, output_size, sizes=sizes)
         return _conform(values, x, output_size), _conform(indices, x, output_size, torch.int64)
-
-    setup_context = staticmethod(_max_valid_setup)
 
     @staticmethod
     def backward(ctx, grad_values, grad_indices):
@@ -483,7 +510,7 @@ def _run_valid(function: type[torch.autograd.Function], op, x: torch.Tensor, siz
         return op(x, sizes, output_size)
     if torch.is_grad_enabled() and x.requires_grad:
         return function.apply(x, sizes, output_size)
-    return function.forward(x, sizes, output_size)
+    return function.run(x, sizes, output_size)
 
 
 def avg_pool_valid(x: torch.Tensor, sizes: torch.Tensor, output_size: list[int]) -> torch.Tensor:
@@ -653,10 +680,13 @@ adaptive_avgmax_pool.register_autograd(_avgmax_grad, setup_context=_avgmax_setup
 
 class _EagerLP(torch.autograd.Function):
     @staticmethod
-    def forward(x, output_size, norm_type):
-        return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
+    def forward(ctx, x, output_size, norm_type):
+        _lp_setup(ctx, (x, output_size, norm_type), None)
+        return _EagerLP.run(x, output_size, norm_type)
 
-    setup_context = staticmethod(_lp_setup)
+    @staticmethod
+    def run(x, output_size, norm_type):
+        return _conform(_impl(x, output_size, "lp_forward").lp_forward(x, output_size, norm_type), x, output_size)
 
     @staticmethod
     def backward(ctx, grad):
@@ -667,11 +697,14 @@ class _EagerLP(torch.autograd.Function):
 
 class _EagerGeM(torch.autograd.Function):
     @staticmethod
-    def forward(x, output_size, p, eps):
+    def forward(ctx, x, output_size, p, eps):
+        _gem_setup(ctx, (x, output_size, p, eps), None)
+        return _EagerGeM.run(x, output_size, p, eps)
+
+    @staticmethod
+    def run(x, output_size, p, eps):
         out = _impl(x, output_size, "gem_forward").gem_forward(x, output_size, float(p), eps)
         return _conform(out, x, output_size)
-
-    setup_context = staticmethod(_gem_setup)
 
     @staticmethod
     def backward(ctx, grad):
@@ -684,12 +717,16 @@ class _EagerGeM(torch.autograd.Function):
 
 class _EagerAvgMax(torch.autograd.Function):
     @staticmethod
-    def forward(x, output_size, combine):
+    def forward(ctx, x, output_size, combine):
+        out = _EagerAvgMax.run(x, output_size, combine)
+        _avgmax_setup(ctx, (x, output_size, combine), out)
+        return out
+
+    @staticmethod
+    def run(x, output_size, combine):
         first, values, indices = _impl(x, output_size, "avgmax_forward").avgmax_forward(x, output_size, combine)
         return (_conform(first, x, output_size), _conform(values, x, output_size),
                 _conform(indices, x, output_size, torch.int64))
-
-    setup_context = staticmethod(_avgmax_setup)
 
     @staticmethod
     def backward(ctx, grad_first, grad_values, grad_indices):
@@ -706,7 +743,7 @@ def lp_pool(x: torch.Tensor, output_size: list[int], norm_type: float) -> torch.
         return adaptive_lp_pool(x, output_size, norm_type)
     if torch.is_grad_enabled() and x.requires_grad:
         return _EagerLP.apply(x, output_size, norm_type)
-    return _EagerLP.forward(x, output_size, norm_type)
+    return _EagerLP.run(x, output_size, norm_type)
 
 
 def gem_pool(x: torch.Tensor, output_size: list[int], p, eps: float) -> torch.Tensor:
@@ -716,7 +753,7 @@ def gem_pool(x: torch.Tensor, output_size: list[int], p, eps: float) -> torch.Te
         return adaptive_gem_pool(x, output_size, _exponent(p), eps)
     if torch.is_grad_enabled() and (x.requires_grad or (tensor_p and p.requires_grad)):
         return _EagerGeM.apply(x, output_size, _exponent(p), eps)
-    return _EagerGeM.forward(x, output_size, p, eps)
+    return _EagerGeM.run(x, output_size, p, eps)
 
 
 def avgmax_pool(x: torch.Tensor, output_size: list[int], combine: bool):
@@ -725,4 +762,4 @@ def avgmax_pool(x: torch.Tensor, output_size: list[int], combine: bool):
         return adaptive_avgmax_pool(x, output_size, combine)
     if torch.is_grad_enabled() and x.requires_grad:
         return _EagerAvgMax.apply(x, output_size, combine)
-    return _EagerAvgMax.forward(x, output_size, combine)
+    return _EagerAvgMax.run(x, output_size, combine)
