@@ -163,6 +163,10 @@ def _divisible(spec: PoolSpec) -> bool:
     return all(_bins.fixed_pool(length, out) for _, length, out in _axes(spec))
 
 
+def _global(spec: PoolSpec) -> bool:
+    return all(out == 1 for out in spec.output_size)
+
+
 def _split(spec: PoolSpec):
     """The shape with every spatial axis (all divisible) as ``(O, L // O)``, and the window axes:
     one reduction over all of them instead of one per axis (a global pool is a single ``mean``)."""
@@ -175,7 +179,7 @@ def _split(spec: PoolSpec):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _avg(x, spec: PoolSpec):
     acc = x.astype(_acc_dtype(x.dtype))
-    if _divisible(spec):
+    if _global(spec):  # one mean; other divisible pools measured faster axis by axis
         shape, k_axes = _split(spec)
         return jnp.mean(acc.reshape(shape), axis=k_axes).astype(x.dtype)
     for axis, length, out in _axes(spec):
@@ -189,7 +193,7 @@ def _avg_fwd(x, spec):
 
 def _avg_bwd(spec, dtype_carrier, g):
     g = g.astype(_acc_dtype(g.dtype))
-    if _divisible(spec):  # a broadcast of g / window size
+    if _global(spec):  # a broadcast of g / window size
         shape, k_axes = _split(spec)
         size = math.prod(length // out for _, length, out in _axes(spec))
         w = jnp.broadcast_to(jnp.expand_dims(g / jnp.asarray(size, g.dtype), k_axes), shape)
