@@ -17,10 +17,11 @@ windows).  Along one axis of length ``L`` pooled to ``O`` (windows from
 Gradients are custom VJPs: average pooling is linear, so its backward is ``Aᵀ g``
 with the averaging matrix ``A`` per axis (a broadcast on divisible axes); max
 pooling routes each output gradient to its argmax (PyTorch's first maximum /
-last NaN): elementwise when every axis divides (each input then lies in one
-window), else one scatter-add per spatial plane.  The indexed forward uses plain
-reductions on divisible axes and the doubling table on (value, index) pairs
-elsewhere.
+last NaN): a gather over each input's covering outputs (a broadcast where every
+axis divides); on XLA:CPU, where a gather is much slower, non-divisible pools keep
+a scatter-add per spatial plane (batch and channel axes stay batch dimensions).
+The indexed forward takes the plain maxima and finds each one's offset with one
+integer ``min`` over the gathered windows.
 
 Indices are flat offsets into the spatial plane, int64 when ``jax_enable_x64`` is
 on and int32 otherwise (JAX has no int64 then; int32 is exact for planes below
