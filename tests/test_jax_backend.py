@@ -154,6 +154,25 @@ def test_gradients_vs_reference():
         np.testing.assert_array_equal(np.asarray(gi), np.asarray(gm), err_msg=case.describe())
 
 
+def test_gather_max_gradient_vs_reference():
+    """The covering-range gather (the backward off the CPU, where the CPU scatters) routes exactly as
+    PyTorch on non-divisible, upsampling, channels_last and 3-D cases, with the reference's indices."""
+    cases = [c for c in _grad_cases(30, 23) if not all(c.spec.input_size[d] % max(c.spec.output_size[d], 1) == 0
+                                                       for d in range(c.spec.rank))]
+    assert cases
+    for case in cases:
+        spec = case.spec
+        if 0 in spec.output_size:
+            continue
+        x = case.input()
+        g = np.random.default_rng(case.seed).standard_normal(spec.output_shape).astype(np.float32)
+        _, ref_idx = reference.max_pool(x, spec, return_indices=True)
+        got = jax.jit(lambda g, i, spec=spec: backend._max_grad_gather(g, i, spec))(
+            jnp.asarray(g), jnp.asarray(ref_idx.astype(np.int32)))
+        want = reference.max_pool_grad(g, ref_idx, spec)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6, err_msg=case.describe())
+
+
 def test_max_gradient_goes_to_the_first_tie_only():
     x = jnp.zeros((1, 1, 4, 4))  # every window is all ties: PyTorch routes to the first element
     g = jax.grad(lambda t: anypool.adaptive_max_pool2d(t, 3).sum())(x)

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import anypool
     from anypool import _harness
+    from anypool.backends import jax as backend
 
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("batch",))
@@ -58,6 +59,18 @@ SCRIPT = textwrap.dedent("""
         ]
         for name, problem in zip(fns, checks):
             assert problem is None, (name, shape, problem)
+        # the covering-range gather (the max backward off the CPU, which scatters) is collective-free too
+        spec = anypool._args.pool_spec(shape, out, len(out), fmt)
+        gather = jax.jit(lambda g, i: backend._max_grad_gather(g, i, spec))
+        g_in, i_in = jax.device_put(2 * got["max"], sharding), jax.device_put(got["argmax"], sharding)
+        hlo = gather.lower(g_in, i_in).compile().as_text()
+        for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+            assert collective not in hlo, ("gather", shape, collective)
+        y = gather(g_in, i_in)
+        assert y.sharding.is_equivalent_to(sharding, y.ndim), ("gather", shape, y.sharding)
+        want = _harness.expected_gradient(case, "max", 2 * got["max"], want_indices)
+        problem = want.problem(np.asarray(y), "float32")
+        assert problem is None, ("gather", shape, problem)
     print("OK")
 """)
 

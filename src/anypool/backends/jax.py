@@ -17,10 +17,11 @@ windows).  Along one axis of length ``L`` pooled to ``O`` (windows from
 Gradients are custom VJPs: average pooling is linear, so its backward is ``Aᵀ g``
 with the averaging matrix ``A`` per axis (a broadcast on divisible axes); max
 pooling routes each output gradient to its argmax (PyTorch's first maximum /
-last NaN): elementwise when every axis divides (each input then lies in one
-window), else one scatter-add per spatial plane.  The indexed forward uses plain
-reductions on divisible axes and the doubling table on (value, index) pairs
-elsewhere.
+last NaN): a gather over each input's covering outputs (a broadcast where every
+axis divides); on XLA:CPU, where a gather is much slower, non-divisible pools keep
+a scatter-add per spatial plane (batch and channel axes stay batch dimensions).
+The indexed forward takes the plain maxima and finds each one's offset with one
+integer ``min`` over the gathered windows.
 
 Indices are flat offsets into the spatial plane, int64 when ``jax_enable_x64`` is
 on and int32 otherwise (JAX has no int64 then; int32 is exact for planes below
@@ -159,9 +160,29 @@ def _avg_axis_grad(g, axis: int, length: int, out: int):
     return jnp.moveaxis(jnp.tensordot(g, a, axes=([axis], [0]), precision=lax.Precision.HIGHEST), -1, axis)
 
 
+def _divisible(spec: PoolSpec) -> bool:
+    return all(_bins.fixed_pool(length, out) for _, length, out in _axes(spec))
+
+
+def _global(spec: PoolSpec) -> bool:
+    return all(out == 1 for out in spec.output_size)
+
+
+def _split(spec: PoolSpec):
+    """The shape with every spatial axis (all divisible) as ``(O, L // O)``, and the window axes:
+    one reduction over all of them instead of one per axis (a global pool is a single ``mean``)."""
+    shape = list(spec.shape)
+    for axis, length, out in reversed(_axes(spec)):
+        shape[axis:axis + 1] = [out, length // out]
+    return tuple(shape), tuple(axis + d + 1 for d, axis in enumerate(spec.spatial_axes))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _avg(x, spec: PoolSpec):
     acc = x.astype(_acc_dtype(x.dtype))
+    if _global(spec):  # one mean; other divisible pools measured faster axis by axis
+        shape, k_axes = _split(spec)
+        return jnp.mean(acc.reshape(shape), axis=k_axes).astype(x.dtype)
     for axis, length, out in _axes(spec):
         acc = _avg_axis(acc, axis, length, out)
     return acc.astype(x.dtype)
@@ -173,6 +194,11 @@ def _avg_fwd(x, spec):
 
 def _avg_bwd(spec, dtype_carrier, g):
     g = g.astype(_acc_dtype(g.dtype))
+    if _global(spec):  # a broadcast of g / window size
+        shape, k_axes = _split(spec)
+        size = math.prod(length // out for _, length, out in _axes(spec))
+        w = jnp.broadcast_to(jnp.expand_dims(g / jnp.asarray(size, g.dtype), k_axes), shape)
+        return (w.reshape(spec.shape).astype(dtype_carrier.dtype),)
     for axis, length, out in reversed(_axes(spec)):
         g = _avg_axis_grad(g, axis, length, out)
     return (g.astype(dtype_carrier.dtype),)
@@ -226,15 +252,6 @@ def _max_axis(x, axis: int, length: int, out: int):
     return jnp.maximum(_take(table, b.starts, axis), _take(table, b.ends - width, axis))
 
 
-def _better(va, ia, vb, ib):
-    """PyTorch's rule for two candidates where ``b``'s window ends after ``a``'s: take ``b`` if
-    ``vb > va`` or ``vb`` is NaN (so ties keep the first maximum, NaN the last NaN)."""
-    take_b = vb > va
-    if jnp.issubdtype(vb.dtype, jnp.inexact):
-        take_b = take_b | jnp.isnan(vb)
-    return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
-
-
 def _first_max(v, i, axis: int, k: int):
     """PyTorch's choice along ``axis`` (length ``k``) of ``v``, and the matching entries of ``i``.
 
@@ -253,34 +270,54 @@ def _first_max(v, i, axis: int, k: int):
             jnp.take_along_axis(i, pick, axis=axis).squeeze(axis))
 
 
-def _argmax_axis(x, idx, axis: int, length: int, out: int):
-    """Values and flat indices of the PyTorch-rule maximum of each window along ``axis``."""
-    if out == length:
-        return x, idx
-    fixed = _bins.fixed_pool(length, out)
-    if fixed:
-        shape = x.shape[:axis] + (out, fixed[0]) + x.shape[axis + 1:]
-        return _first_max(x.reshape(shape), idx.reshape(shape), axis + 1, fixed[0])
-    b = _bins.axis_bins(length, out)
-    width = _cover_width(b)
-    v, i, step = x, idx, 1
-    while step < width:
-        n = v.shape[axis]
-        v, i = _better(_slice(v, 0, n - step, axis), _slice(i, 0, n - step, axis),
-                       _slice(v, step, n, axis), _slice(i, step, n, axis))
-        step *= 2
-    return _better(_take(v, b.starts, axis), _take(i, b.starts, axis),
-                   _take(v, b.ends - width, axis), _take(i, b.ends - width, axis))
+def _windows(v, spec: PoolSpec):
+    """``v`` with spatial axis ``d`` split into ``(O_d, K_d)`` (a reshape where the axis divides, else
+    a gather of :func:`_bins.window_index`) and, per axis, its ``(O_d, K_d)`` input index table."""
+    tables = []
+    for d, (axis, length, out) in enumerate(_axes(spec)):
+        a = axis + d
+        fixed = _bins.fixed_pool(length, out)
+        if fixed:
+            index = np.arange(length, dtype=np.int64).reshape(out, fixed[0])
+            v = v.reshape(v.shape[:a] + index.shape + v.shape[a + 1:])
+        else:
+            index = _bins.window_index(length, out)
+            v = jnp.take(v, jnp.asarray(index.reshape(-1)), axis=a, mode="clip", indices_are_sorted=True)
+            v = v.reshape(v.shape[:a] + index.shape + v.shape[a + 1:])
+        tables.append((a, index))
+    return v, tables
+
+
+def _flat_offsets(tables, spec: PoolSpec, ndim: int):
+    """The row-major flat spatial offset of every entry of a ``_windows``-shaped array (broadcastable)."""
+    dtype = index_dtype()
+    flat = jnp.zeros((), dtype)
+    for d, (a, index) in enumerate(tables):
+        shape = [1] * ndim
+        shape[a], shape[a + 1] = index.shape
+        flat = flat + jnp.asarray((index * math.prod(spec.input_size[d + 1:])).reshape(shape), dtype)
+    return flat
+
+
+def _argmax_of(x, v, spec: PoolSpec):
+    """The flat offset of PyTorch's choice in each window given the window maxima ``v``: the first
+    position equal to ``v`` or, where ``v`` is NaN, the last NaN.  Both are one integer ``min`` over
+    the gathered windows (the last NaN as the smallest negated offset), with no (value, index) pairs
+    and no gather of the result."""
+    w, tables = _windows(x, spec)
+    k_axes = tuple(a + 1 for a, _ in tables)
+    vb = jnp.expand_dims(v, k_axes)
+    flat = _flat_offsets(tables, spec, w.ndim)
+    big = jnp.asarray(math.prod(spec.input_size), flat.dtype)
+    key = jnp.where(w == vb, flat, big)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        key = jnp.where(jnp.isnan(vb), jnp.where(jnp.isnan(w), -flat, big), key)
+    return jnp.abs(jnp.min(key, axis=k_axes))
 
 
 def _max_with_indices(x, spec: PoolSpec):
-    # Last spatial axis first: a later window along an earlier axis then only holds later
-    # row-major positions, so the pairwise rule picks the row-major first max / last NaN.
-    idx = _plane(spec, x.shape)
-    v = x
-    for axis, length, out in reversed(_axes(spec)):
-        v, idx = _argmax_axis(v, idx, axis, length, out)
-    return v, idx
+    v = _max_values(x, spec)
+    return v, _argmax_of(x, v, spec)
 
 
 def _plane(spec: PoolSpec, full_shape) -> jax.Array:
@@ -299,19 +336,49 @@ def _repeat(v, axis: int, k: int):
     return v.reshape(v.shape[:axis] + (v.shape[axis] * k,) + v.shape[axis + 2:])
 
 
-def _max_grad_divisible(g, idx, spec: PoolSpec):
-    """When every axis divides, each input lies in exactly one window: the gradient is ``g`` of
-    that window where the input is its argmax, else 0 — elementwise, no scatter."""
-    for axis, length, out in _axes(spec):
-        kernel, _ = _bins.fixed_pool(length, out)
-        g, idx = _repeat(g, axis, kernel), _repeat(idx, axis, kernel)
-    return jnp.where(idx == _plane(spec, idx.shape), g, jnp.zeros((), g.dtype))
+def _covers(g, spec: PoolSpec):
+    """``g`` (output-shaped) with spatial axis ``d`` replaced by ``(L_d, C_d)``: for each input its
+    ``C_d = max_cover`` covering outputs (``_bins`` covering range, clipped to the last one), and the
+    static mask of the real ones.  A divisible axis has one cover per input: a broadcast."""
+    mask = np.ones((1,) * (g.ndim + len(spec.spatial_axes)), bool)
+    for d, (axis, length, out) in enumerate(_axes(spec)):
+        a = axis + d
+        fixed = _bins.fixed_pool(length, out)
+        if fixed:
+            g = jnp.expand_dims(_repeat(g, a, fixed[0]), a + 1)
+            continue
+        first, last = _bins.axis_bins(length, out).cover()
+        c = np.arange(_bins.max_cover(length, out))
+        index = np.minimum(first[:, None] + c, last[:, None])  # (L, C)
+        g = jnp.take(g, jnp.asarray(index.reshape(-1)), axis=a, mode="clip", indices_are_sorted=True)
+        g = g.reshape(g.shape[:a] + index.shape + g.shape[a + 1:])
+        shape = [1] * mask.ndim
+        shape[a], shape[a + 1] = index.shape
+        mask = mask & (first[:, None] + c <= last[:, None]).reshape(shape)
+    return g, mask, tuple(axis + d + 1 for d, axis in enumerate(spec.spatial_axes))
+
+
+def _max_grad_gather(g, idx, spec: PoolSpec):
+    """PyTorch's routing as a gather: input ``i`` sums the gradients of the covering outputs whose
+    argmax is ``i`` (at most ``max_cover`` per axis).  Dense and deterministic, no scatter, and the
+    batch and channel axes stay untouched (a batch-sharded input needs no collective)."""
+    acc = _acc_dtype(g.dtype)
+    gc, mask, c_axes = _covers(g.astype(acc), spec)
+    ic, _, _ = _covers(idx, spec)
+    here = jnp.expand_dims(_plane(spec, tuple(n for a, n in enumerate(gc.shape) if a not in c_axes)), c_axes)
+    hit = ic == here if mask.all() else (ic == here) & mask
+    return jnp.where(hit, gc, jnp.zeros((), acc)).sum(c_axes).astype(g.dtype)
 
 
 def _max_grad(g, idx, spec: PoolSpec):
-    if all(_bins.fixed_pool(length, out) for _, length, out in _axes(spec)):
-        return _max_grad_divisible(g, idx, spec)
-    return _max_grad_scatter(g, idx, spec)
+    """Where every axis divides, the gather is a broadcast and a compare (fastest everywhere).
+    Otherwise XLA:CPU runs a gather per gathered element, 2-10x slower than the scatter of the
+    ``O`` output gradients (measured on the benchmark cases), so the CPU scatters and every other
+    platform (where a scatter-add is atomic, unordered float sums) gathers."""
+    if _divisible(spec):
+        return _max_grad_gather(g, idx, spec)
+    return lax.platform_dependent(g, idx, cpu=functools.partial(_max_grad_scatter, spec=spec),
+                                  default=functools.partial(_max_grad_gather, spec=spec))
 
 
 def _max_grad_scatter(g, idx, spec: PoolSpec):
@@ -338,11 +405,15 @@ def _max_grad_scatter(g, idx, spec: PoolSpec):
     return jnp.moveaxis(gx, range(len(other)), other)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max(x, spec: PoolSpec):
+def _max_values(x, spec: PoolSpec):
     for axis, length, out in _axes(spec):
         x = _max_axis(x, axis, length, out)
     return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max(x, spec: PoolSpec):
+    return _max_values(x, spec)
 
 
 def _max_fwd(x, spec):
@@ -534,3 +605,4 @@ def catavgmax_pool(x, spec: PoolSpec):
 def flatten(x):
     """Every axis after the first as one (timm's ``nn.Flatten(1)``)."""
     return x.reshape(x.shape[0], -1)
+
