@@ -300,15 +300,6 @@ template <typename T>
 void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
-  if (p.K == 1 && !p.per_sample() && Dp.L == 1 && Hp.L == 1 && Wp.O == 1) {
-    // planar global pool: each plane one span; the general loop's per-item set-up costs more than
-    // a short plane's sum (e.g. 7x7).  Same span_sum and divisor as avg_row: the same bits.
-    const int64_t L = Wp.L;
-    at::parallel_for(0, p.B, grain(L), [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) y[b] = static_cast<T>(span_sum<acc_t>(x + b * L, L) / acc_t(L));
-    });
-    return;
-  }
   const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
   const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
