@@ -150,7 +150,7 @@ template <typename T>
 void avg_forward_kernel(const T* x, T* y, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
-  if (p.K == 1 && !p.per_sample() && Dp.L == 1 && Hp.L == 1 && Wp.O == 1) {
+  if (p.K == 1 && !p.per_sample() && Dp.L == 1 && Hp.L == 1 && Dp.O == 1 && Hp.O == 1 && Wp.O == 1) {
     // planar global pool: each plane one span; the general loop's per-item set-up costs more than
     // a short plane's sum (e.g. 7x7).  Same span_sum and divisor as avg_row: the same bits.
     const int64_t L = Wp.L;
