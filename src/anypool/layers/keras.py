@@ -15,11 +15,21 @@ dynamic height and width.  ``call(inputs, valid_sizes=None)`` pools padded batch
 sample's unpadded spatial size); the 1-D layers also take a Keras mask (``Embedding(mask_zero=True)``,
 ``Masking``) that is a prefix per sample as the same lengths.  The layers are registered as serialisable
 (``package="anypool"``): ``model.save("m.keras")`` / ``keras.models.load_model`` round-trip.
+
+More reductions over the same windows, same ``output_size``/``data_format``:
+``AdaptiveLPPooling{1,2,3}D(norm_type, output_size)`` (``(Σ_window x^p)^(1/p)``),
+``AdaptiveGeMPooling{1,2,3}D(output_size, p=3.0, eps=1e-6, p_trainable=True)``
+(``(mean_window max(x, eps)^p)^(1/p)``, ``p`` a trainable scalar weight), ``AdaptiveAvgMaxPooling{1,2,3}D``
+(``0.5·(avg + max)``), ``AdaptiveCatAvgMaxPooling{1,2,3}D`` (averages then maxima along the channel
+axis: ``C`` → ``2C``) and timm's ``SelectAdaptivePooling2D``.  These take no ``valid_sizes`` or mask
+(the reductions pool whole inputs only).  On the TensorFlow backend LP and GeM need spatial sizes known
+when the graph is built.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 import anypool
 
@@ -30,7 +40,12 @@ if keras.backend.backend() == "tensorflow":  # load it now: it tells AutoGraph t
 
 __all__ = [
     "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
-    "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "harness_columns",
+    "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D",
+    "AdaptiveLPPooling1D", "AdaptiveLPPooling2D", "AdaptiveLPPooling3D",
+    "AdaptiveGeMPooling1D", "AdaptiveGeMPooling2D", "AdaptiveGeMPooling3D",
+    "AdaptiveAvgMaxPooling1D", "AdaptiveAvgMaxPooling2D", "AdaptiveAvgMaxPooling3D",
+    "AdaptiveCatAvgMaxPooling1D", "AdaptiveCatAvgMaxPooling2D", "AdaptiveCatAvgMaxPooling3D",
+    "SelectAdaptivePooling2D", "harness_columns",
 ]
 
 
@@ -101,9 +116,185 @@ AdaptiveMaxPooling1D = _layer(1, "max")
 AdaptiveMaxPooling2D = _layer(2, "max")
 AdaptiveMaxPooling3D = _layer(3, "max")
 
+
+# --- more reductions over the same windows -----------------------------------------------------------
+
+
+class _AdaptiveReduction(keras.layers.Layer):
+    """Shared by the LP, GeM, avgmax and catavgmax layers; subclasses set ``rank`` and ``reduce``."""
+
+    rank: int
+    reduce: str
+
+    def __init__(self, output_size, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        self.data_format = data_format or keras.config.image_data_format()
+        _args.check_data_format(self.data_format, name)
+        self.output_size = _args.normalize_output_size(output_size, (None,) * self.rank,
+                                                       argument=f"{name}(output_size)")
+        self.input_spec = keras.InputSpec(ndim=self.rank + 2)
+
+    def call(self, inputs):
+        return getattr(anypool, f"adaptive_{self.reduce}_pool")(inputs, self.output_size, data_format=self.data_format)
+
+    def compute_output_shape(self, input_shape):
+        spec = _args.pool_spec(tuple(input_shape), self.output_size, self.rank, self.data_format,
+                               function=type(self).__name__, batched=True)
+        return spec.output_shape
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": list(self.output_size), "data_format": self.data_format}
+
+
+class _AdaptiveLPPooling(_AdaptiveReduction):
+    reduce = "lp"
+
+    def __init__(self, norm_type, output_size, data_format=None, **kwargs):
+        argument = f"{type(self).__name__}(norm_type)"
+        if _args.positive_exponent(norm_type, argument) is None:
+            raise _args.number_expected(norm_type, argument)
+        super().__init__(output_size, data_format, **kwargs)
+        self.norm_type = float(norm_type)
+
+    def call(self, inputs):
+        return anypool.adaptive_lp_pool(inputs, self.norm_type, self.output_size, data_format=self.data_format)
+
+    def get_config(self):
+        return {**super().get_config(), "norm_type": self.norm_type}
+
+
+class _AdaptiveGeMPooling(_AdaptiveReduction):
+    reduce = "gem"
+
+    def __init__(self, output_size, p=3.0, eps=1e-6, p_trainable=True, data_format=None, **kwargs):
+        name = type(self).__name__
+        if _args.positive_exponent(p, f"{name}(p)") is None:
+            raise _args.number_expected(p, f"{name}(p)")
+        eps = _args.positive_eps(eps, f"{name}(eps)")
+        super().__init__(output_size, data_format, **kwargs)
+        self.eps = eps
+        self.p_init = float(p)
+        self.p_trainable = bool(p_trainable)
+        # a weight from the start (not in build): its value is saved, restored and trained like any other
+        self.p = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.p_init), name="p",
+                                 trainable=True) if self.p_trainable else self.p_init
+
+    def call(self, inputs):
+        p = keras.ops.convert_to_tensor(self.p) if self.p_trainable else self.p
+        return anypool.adaptive_gem_pool(inputs, self.output_size, p=p, eps=self.eps, data_format=self.data_format)
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p_init, "eps": self.eps, "p_trainable": self.p_trainable}
+
+
+class _AdaptiveCatAvgMaxPooling(_AdaptiveReduction):
+    reduce = "catavgmax"
+
+    def compute_output_shape(self, input_shape):
+        shape = list(super().compute_output_shape(input_shape))
+        axis = -1 if self.data_format == "channels_last" else 1
+        shape[axis] = None if shape[axis] is None else 2 * shape[axis]
+        return tuple(shape)
+
+
+_REDUCTION_BASES = {"lp": _AdaptiveLPPooling, "gem": _AdaptiveGeMPooling, "avgmax": _AdaptiveReduction,
+                    "catavgmax": _AdaptiveCatAvgMaxPooling}
+_REDUCTION_NAMES = {"lp": "LP", "gem": "GeM", "avgmax": "AvgMax", "catavgmax": "CatAvgMax"}
+_REDUCTION_DOCS = {
+    "lp": "LP (power-average) pooling ``(Σ_window x^p)^(1/p)``, ``p = norm_type`` a positive float "
+          "(:func:`anypool.adaptive_lp_pool`; torch's ``lp_pool`` signs).",
+    "gem": "Generalised-mean pooling ``(mean_window max(x, eps)^p)^(1/p)`` (:func:`anypool.adaptive_gem_pool`). "
+           "``p`` is a trainable scalar weight (initial value ``p``) unless ``p_trainable=False`` fixes it.",
+    "avgmax": "timm's avgmax: ``0.5·(avg + max)`` of each window (:func:`anypool.adaptive_avgmax_pool`).",
+    "catavgmax": "timm's catavgmax: the window averages, then the maxima, along the channel axis, so ``C`` "
+                 "channels become ``2C`` (:func:`anypool.adaptive_catavgmax_pool`).",
+}
+
+
+def _reduction_layer(rank: int, reduce: str):
+    name = f"Adaptive{_REDUCTION_NAMES[reduce]}Pooling{rank}D"
+    spatial = ("L",) if rank == 1 else ("D", "H", "W")[3 - rank:]
+    channels = "2C" if reduce == "catavgmax" else "C"
+    doc = (f"{_REDUCTION_DOCS[reduce]} Over {rank} spatial axes: ``(N, {', '.join(spatial)}, C)`` → "
+           f"``(N, *output_size, {channels})`` (channels_last) or ``(N, C, {', '.join(spatial)})`` → "
+           f"``(N, {channels}, *output_size)`` (channels_first).")
+    cls = type(name, (_REDUCTION_BASES[reduce],), {"rank": rank, "reduce": reduce, "__doc__": doc,
+                                                  "__module__": __name__})
+    return keras.saving.register_keras_serializable(package="anypool", name=name)(cls)
+
+
+AdaptiveLPPooling1D = _reduction_layer(1, "lp")
+AdaptiveLPPooling2D = _reduction_layer(2, "lp")
+AdaptiveLPPooling3D = _reduction_layer(3, "lp")
+AdaptiveGeMPooling1D = _reduction_layer(1, "gem")
+AdaptiveGeMPooling2D = _reduction_layer(2, "gem")
+AdaptiveGeMPooling3D = _reduction_layer(3, "gem")
+AdaptiveAvgMaxPooling1D = _reduction_layer(1, "avgmax")
+AdaptiveAvgMaxPooling2D = _reduction_layer(2, "avgmax")
+AdaptiveAvgMaxPooling3D = _reduction_layer(3, "avgmax")
+AdaptiveCatAvgMaxPooling1D = _reduction_layer(1, "catavgmax")
+AdaptiveCatAvgMaxPooling2D = _reduction_layer(2, "catavgmax")
+AdaptiveCatAvgMaxPooling3D = _reduction_layer(3, "catavgmax")
+
+
+@keras.saving.register_keras_serializable(package="anypool", name="SelectAdaptivePooling2D")
+class SelectAdaptivePooling2D(keras.layers.Layer):
+    """timm's ``SelectAdaptivePool2d`` as a Keras layer (:func:`anypool.select_adaptive_pool2d`).
+
+    ``pool_type``: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` (``2C`` output channels), ``'fast…'``
+    (a global pool: ``output_size`` must be 1; ``'fast'`` is avg) or ``''`` (no pooling).  ``data_format``
+    replaces timm's ``input_fmt``.  ``flatten`` flattens every axis after the batch axis:
+    ``(N, H, W, C)`` → ``(N, *output_size, C)``, or ``(N, prod(output_size)·C)`` with ``flatten``.
+    ``feat_mult()`` is the channel factor (2 for catavgmax), ``is_identity()`` whether it pools at all.
+    """
+
+    def __init__(self, output_size=1, pool_type="fast", flatten=False, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        kind = _args.pool_type(pool_type, name)
+        if kind.startswith("fast"):
+            _args.fast_output_size(output_size, kind, name)
+        self.data_format = data_format or keras.config.image_data_format()
+        _args.check_data_format(self.data_format, name)
+        self.output_size = _args.normalize_output_size(output_size, (None, None), argument=f"{name}(output_size)")
+        self.pool_type = pool_type or ""
+        self.flatten = bool(flatten)
+        self.input_spec = keras.InputSpec(ndim=4)
+
+    def call(self, inputs):
+        size = 1 if self.output_size == (1, 1) else self.output_size  # what a 'fast' pool accepts
+        return anypool.select_adaptive_pool2d(inputs, self.pool_type, size, self.flatten,
+                                              data_format=self.data_format)
+
+    def is_identity(self) -> bool:
+        return not self.pool_type
+
+    def feat_mult(self) -> int:
+        return 2 if self.pool_type.lower().endswith("catavgmax") else 1
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        if self.pool_type:
+            shape = list(_args.pool_spec(shape, self.output_size, 2, self.data_format, function=type(self).__name__,
+                                         batched=True).output_shape)
+            axis = -1 if self.data_format == "channels_last" else 1
+            shape[axis] = None if shape[axis] is None else self.feat_mult() * shape[axis]
+        if not self.flatten:
+            return tuple(shape)
+        rest = shape[1:]
+        return (shape[0], None if None in rest else int(np.prod(rest)))
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": list(self.output_size), "pool_type": self.pool_type,
+                "flatten": self.flatten, "data_format": self.data_format}
+
+
 LAYERS = {("avg", 1): AdaptiveAveragePooling1D, ("avg", 2): AdaptiveAveragePooling2D,
           ("avg", 3): AdaptiveAveragePooling3D, ("max", 1): AdaptiveMaxPooling1D,
           ("max", 2): AdaptiveMaxPooling2D, ("max", 3): AdaptiveMaxPooling3D}
+REDUCTION_LAYERS = {(reduce, rank): globals()[f"Adaptive{_REDUCTION_NAMES[reduce]}Pooling{rank}D"]
+                    for reduce in _REDUCTION_NAMES for rank in (1, 2, 3)}
 
 
 def _has_float64() -> bool:
