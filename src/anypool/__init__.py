@@ -162,7 +162,6 @@ def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = 
                     valid_sizes=None):
     """Max over every spatial axis of a batch; shapes as :func:`global_avg_pool`."""
     return _global(x, data_format, keepdims, "global_max_pool", "max", valid_sizes)
-    return _global(x, data_format, keepdims, "global_max_pool", "max")
 
 
 # --- more reductions over the same windows -----------------------------------------------------
