@@ -146,7 +146,7 @@ def _demo(args) -> int:
         for op in ("avg", "argmax"):
             cells = []
             for column in columns:
-                if not column.supports(case, op):
+                if op not in column.ops or not column.supports(case, op):
                     cells.append("n/a")
                     continue
                 err, problem = _harness.compare(case, op, column.run(case, x, op), column.expected(case, x, op))
