@@ -6,22 +6,27 @@ a scratch tensor), as a pool runs in a model; contenders are timed in interleave
 
 from __future__ import annotations
 
-import platform
+import argparse
 import statistics
 import time
 
 import torch
 
+from anypool import bench
+
 
 def machine() -> str:
     """The CPU model, torch's thread count and the torch version, for the head of a report."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{bench.machine()['cpu']}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def options(doc: str):
+    """The scripts' command line: ``(args, rounds, reps)``; ``--quick`` only checks that a script runs."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats: checks the script runs")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    return (args, *((1, 2) if args.quick else (3, 15)))
 
 
 def native_op_like(x: torch.Tensor):

@@ -9,13 +9,12 @@ forward+backward, each call timed right after an untimed native op on a tensor o
 Ratios are composite time / anypool time (> 1: anypool faster).
 """
 
-import argparse
 import json
 import math
 
 import torch
 import torch.nn.functional as F
-from _timing import fwd_bwd, interleaved, machine, native_op_like
+from _timing import fwd_bwd, interleaved, machine, native_op_like, options
 
 import anypool
 
@@ -44,11 +43,7 @@ def pairs(x, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: checks the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    rounds, reps = (1, 2) if args.quick else (3, 15)
+    args, rounds, reps = options(__doc__)
     print(machine())
     results = []
     for shape, out, channels_last in CASES:

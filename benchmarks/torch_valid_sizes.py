@@ -8,13 +8,12 @@ The batch is (32, 256, 64, 64) pooled to 7x7, valid sizes drawn from 16..64 per 
 forward and forward+backward, NCHW and channels_last.
 """
 
-import argparse
 import json
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _timing import fwd_bwd, interleaved, machine, native_op_like
+from _timing import fwd_bwd, interleaved, machine, native_op_like, options
 
 import anypool
 
@@ -37,11 +36,7 @@ def contenders(x, sizes, op, mode):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: checks the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    rounds, reps = (1, 2) if args.quick else (3, 15)
+    args, rounds, reps = options(__doc__)
     print(machine())
     rng = np.random.default_rng(0)
     sizes = torch.from_numpy(rng.integers(16, SHAPE[2] + 1, (SHAPE[0], 2)))
