@@ -98,15 +98,23 @@ def _mask_lengths(mask, layer: str):
     return lengths
 
 
-def _layer(rank: int, reduce: str):
-    name = f"Adaptive{'Average' if reduce == 'avg' else 'Max'}Pooling{rank}D"
-    spatial = ("L",) if rank == 1 else ("D", "H", "W")[3 - rank:]
-    doc = (f"Adaptive {'average' if reduce == 'avg' else 'max'} pooling over {rank} spatial axes: "
-           f"``(N, {', '.join(spatial)}, C)`` → ``(N, *output_size, C)`` (channels_last) or "
-           f"``(N, C, {', '.join(spatial)})`` → ``(N, C, *output_size)`` (channels_first)."
-           + (" NaN propagates." if reduce == "max" else " float16/bfloat16 accumulate in float32."))
-    cls = type(name, (_AdaptivePooling,), {"rank": rank, "reduce": reduce, "__doc__": doc, "__module__": __name__})
+def _shapes(rank: int, channels: str = "C") -> str:
+    """The docstring's shapes of a layer over ``rank`` spatial axes with ``channels`` output channels."""
+    spatial = ", ".join(("L",) if rank == 1 else ("D", "H", "W")[3 - rank:])
+    return (f"``(N, {spatial}, C)`` → ``(N, *output_size, {channels})`` (channels_last) or "
+            f"``(N, C, {spatial})`` → ``(N, {channels}, *output_size)`` (channels_first).")
+
+
+def _register(name: str, base: type, rank: int, reduce: str, doc: str):
+    cls = type(name, (base,), {"rank": rank, "reduce": reduce, "__doc__": doc, "__module__": __name__})
     return keras.saving.register_keras_serializable(package="anypool", name=name)(cls)
+
+
+def _layer(rank: int, reduce: str):
+    doc = (f"Adaptive {'average' if reduce == 'avg' else 'max'} pooling over {rank} spatial axes: {_shapes(rank)}"
+           + (" NaN propagates." if reduce == "max" else " float16/bfloat16 accumulate in float32."))
+    return _register(f"Adaptive{'Average' if reduce == 'avg' else 'Max'}Pooling{rank}D", _AdaptivePooling, rank,
+                     reduce, doc)
 
 
 AdaptiveAveragePooling1D = _layer(1, "avg")
@@ -213,15 +221,8 @@ _REDUCTION_DOCS = {
 
 
 def _reduction_layer(rank: int, reduce: str):
-    name = f"Adaptive{_REDUCTION_NAMES[reduce]}Pooling{rank}D"
-    spatial = ("L",) if rank == 1 else ("D", "H", "W")[3 - rank:]
-    channels = "2C" if reduce == "catavgmax" else "C"
-    doc = (f"{_REDUCTION_DOCS[reduce]} Over {rank} spatial axes: ``(N, {', '.join(spatial)}, C)`` → "
-           f"``(N, *output_size, {channels})`` (channels_last) or ``(N, C, {', '.join(spatial)})`` → "
-           f"``(N, {channels}, *output_size)`` (channels_first).")
-    cls = type(name, (_REDUCTION_BASES[reduce],), {"rank": rank, "reduce": reduce, "__doc__": doc,
-                                                  "__module__": __name__})
-    return keras.saving.register_keras_serializable(package="anypool", name=name)(cls)
+    doc = f"{_REDUCTION_DOCS[reduce]} Over {rank} spatial axes: {_shapes(rank, '2C' if reduce == 'catavgmax' else 'C')}"
+    return _register(f"Adaptive{_REDUCTION_NAMES[reduce]}Pooling{rank}D", _REDUCTION_BASES[reduce], rank, reduce, doc)
 
 
 AdaptiveLPPooling1D = _reduction_layer(1, "lp")
