@@ -354,6 +354,11 @@ def pool_type(value, function: str) -> str:
     return value.lower()
 
 
+def feat_mult(pool_type_: str) -> int:
+    """Output channels per input channel of a checked ``pool_type`` (catavgmax concatenates two pools)."""
+    return 2 if pool_type_.endswith("catavgmax") else 1
+
+
 def fast_output_size(output_size, pool_type_: str, function: str) -> None:
     """timm's 'fast' pools (and its NHWC input) reduce to one value per channel only."""
     if output_size not in (1, (1, 1), [1, 1]):

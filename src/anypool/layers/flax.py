@@ -183,4 +183,4 @@ class SelectAdaptivePool2d(nnx.Module):
         return not self.pool_type
 
     def feat_mult(self) -> int:
-        return 2 if self.pool_type.lower().endswith("catavgmax") else 1
+        return _args.feat_mult(self.pool_type.lower())

@@ -272,7 +272,7 @@ class SelectAdaptivePooling2D(keras.layers.Layer):
         return not self.pool_type
 
     def feat_mult(self) -> int:
-        return 2 if self.pool_type.lower().endswith("catavgmax") else 1
+        return _args.feat_mult(self.pool_type.lower())
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)

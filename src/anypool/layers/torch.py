@@ -237,7 +237,7 @@ class SelectAdaptivePool2d(nn.Module):
         return not self.pool_type
 
     def feat_mult(self) -> int:
-        return 2 if self.pool_type.lower().endswith("catavgmax") else 1
+        return anypool._args.feat_mult(self.pool_type.lower())
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, pool_type={self.pool_type!r}, flatten={self.flatten}, "
