@@ -167,7 +167,7 @@ def global_max_pool(x, *, data_format: str = "channels_first", keepdims: bool = 
 # --- more reductions over the same windows -----------------------------------------------------
 
 
-def _reduction(x, output_size, rank, data_format, function, reduce, batched=None, **params):
+def _reduction(x, output_size, rank, data_format, function, reduce, batched=None, valid_sizes=None, **params):
     """Check the call and run the backend's ``<reduce>_pool(x, spec, **params)``."""
     backend = _dispatch.backend_for(x, function)
     spec = _args.pool_spec(backend.shape(x), output_size, rank, data_format, function=function, batched=batched,
@@ -176,22 +176,25 @@ def _reduction(x, output_size, rank, data_format, function, reduce, batched=None
     run = getattr(backend, f"{reduce}_pool", None)
     if run is None:
         raise _args.unsupported_reduction(function, backend.name)
-    return run(x, spec, **params)
+    valid = {} if valid_sizes is None else _valid(backend, x, valid_sizes, spec, output_size, function)
+    return run(x, spec, **params, **valid)
 
 
-def _lp(x, norm_type, output_size, rank, data_format, function):
+def _lp(x, norm_type, output_size, rank, data_format, function, valid_sizes):
     if _args.positive_exponent(norm_type, f"{function}(norm_type)") is None:
         raise _args.number_expected(norm_type, f"{function}(norm_type)")
-    return _reduction(x, output_size, rank, data_format, function, "lp", norm_type=float(norm_type))
+    return _reduction(x, output_size, rank, data_format, function, "lp", valid_sizes=valid_sizes,
+                      norm_type=float(norm_type))
 
 
-def _gem(x, output_size, p, eps, rank, data_format, function):
+def _gem(x, output_size, p, eps, rank, data_format, function, valid_sizes):
     number = _args.positive_exponent(p, f"{function}(p)")
     eps = _args.positive_eps(eps, f"{function}(eps)")
-    return _reduction(x, output_size, rank, data_format, function, "gem", p=p if number is None else number, eps=eps)
+    return _reduction(x, output_size, rank, data_format, function, "gem", valid_sizes=valid_sizes,
+                      p=p if number is None else number, eps=eps)
 
 
-def adaptive_lp_pool(x, norm_type: float, output_size, *, data_format: str = "channels_first"):
+def adaptive_lp_pool(x, norm_type: float, output_size, *, data_format: str = "channels_first", valid_sizes=None):
     """Adaptive power-average (LP) pooling: ``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (any spatial rank).
 
     As ``torch.nn.functional.lp_pool2d`` over the adaptive windows: ``x^p`` with torch.pow's
@@ -202,25 +205,29 @@ def adaptive_lp_pool(x, norm_type: float, output_size, *, data_format: str = "ch
     Shapes as :func:`adaptive_avg_pool`; floating input only.
     """
     rank = _args.output_rank(output_size, "adaptive_lp_pool")
-    return _lp(x, norm_type, output_size, rank, data_format, "adaptive_lp_pool")
+    return _lp(x, norm_type, output_size, rank, data_format, "adaptive_lp_pool", valid_sizes)
 
 
-def adaptive_lp_pool1d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_lp_pool1d(x, norm_type: float, output_size: OutputSize, *,
+                       data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_lp_pool`."""
-    return _lp(x, norm_type, output_size, 1, data_format, "adaptive_lp_pool1d")
+    return _lp(x, norm_type, output_size, 1, data_format, "adaptive_lp_pool1d", valid_sizes)
 
 
-def adaptive_lp_pool2d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_lp_pool2d(x, norm_type: float, output_size: OutputSize, *,
+                       data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_lp_pool`."""
-    return _lp(x, norm_type, output_size, 2, data_format, "adaptive_lp_pool2d")
+    return _lp(x, norm_type, output_size, 2, data_format, "adaptive_lp_pool2d", valid_sizes)
 
 
-def adaptive_lp_pool3d(x, norm_type: float, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_lp_pool3d(x, norm_type: float, output_size: OutputSize, *,
+                       data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_lp_pool`."""
-    return _lp(x, norm_type, output_size, 3, data_format, "adaptive_lp_pool3d")
+    return _lp(x, norm_type, output_size, 3, data_format, "adaptive_lp_pool3d", valid_sizes)
 
 
-def adaptive_gem_pool(x, output_size, p=3.0, eps: float = 1e-6, *, data_format: str = "channels_first"):
+def adaptive_gem_pool(x, output_size, p=3.0, eps: float = 1e-6, *,
+                      data_format: str = "channels_first", valid_sizes=None):
     """Generalised-mean (GeM) pooling: ``(mean_window max(x, eps)^p)^(1/p)`` (any spatial rank).
 
     ``p``: a positive finite float, or a one-value tensor/array of ``x``'s framework, which
@@ -228,83 +235,84 @@ def adaptive_gem_pool(x, output_size, p=3.0, eps: float = 1e-6, *, data_format: 
     Shapes as :func:`adaptive_avg_pool`; floating input only; large ``p`` does not overflow.
     """
     rank = _args.output_rank(output_size, "adaptive_gem_pool")
-    return _gem(x, output_size, p, eps, rank, data_format, "adaptive_gem_pool")
+    return _gem(x, output_size, p, eps, rank, data_format, "adaptive_gem_pool", valid_sizes)
 
 
 def adaptive_gem_pool1d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_gem_pool`."""
-    return _gem(x, output_size, p, eps, 1, data_format, "adaptive_gem_pool1d")
+    return _gem(x, output_size, p, eps, 1, data_format, "adaptive_gem_pool1d", valid_sizes)
 
 
 def adaptive_gem_pool2d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_gem_pool`."""
-    return _gem(x, output_size, p, eps, 2, data_format, "adaptive_gem_pool2d")
+    return _gem(x, output_size, p, eps, 2, data_format, "adaptive_gem_pool2d", valid_sizes)
 
 
 def adaptive_gem_pool3d(x, output_size: OutputSize, p=3.0, eps: float = 1e-6, *,
-                        data_format: str = "channels_first"):
+                        data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_gem_pool`."""
-    return _gem(x, output_size, p, eps, 3, data_format, "adaptive_gem_pool3d")
+    return _gem(x, output_size, p, eps, 3, data_format, "adaptive_gem_pool3d", valid_sizes)
 
 
-def adaptive_avgmax_pool(x, output_size, *, data_format: str = "channels_first"):
+def adaptive_avgmax_pool(x, output_size, *, data_format: str = "channels_first", valid_sizes=None):
     """timm's avgmax: ``0.5 · (avg + max)`` over each window, rounded once (any spatial rank).
 
     Shapes as :func:`adaptive_avg_pool`; floating input only.
     """
     rank = _args.output_rank(output_size, "adaptive_avgmax_pool")
-    return _reduction(x, output_size, rank, data_format, "adaptive_avgmax_pool", "avgmax")
+    return _reduction(x, output_size, rank, data_format, "adaptive_avgmax_pool", "avgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_avgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_avgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_avgmax_pool`."""
-    return _reduction(x, output_size, 1, data_format, "adaptive_avgmax_pool1d", "avgmax")
+    return _reduction(x, output_size, 1, data_format, "adaptive_avgmax_pool1d", "avgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_avgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first"):
+def adaptive_avgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_avgmax_pool` (timm's ``adaptive_avgmax_pool2d``)."""
-    return _reduction(x, output_size, 2, data_format, "adaptive_avgmax_pool2d", "avgmax")
+    return _reduction(x, output_size, 2, data_format, "adaptive_avgmax_pool2d", "avgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_avgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_avgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_avgmax_pool`."""
-    return _reduction(x, output_size, 3, data_format, "adaptive_avgmax_pool3d", "avgmax")
+    return _reduction(x, output_size, 3, data_format, "adaptive_avgmax_pool3d", "avgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_catavgmax_pool(x, output_size, *, data_format: str = "channels_first"):
+def adaptive_catavgmax_pool(x, output_size, *, data_format: str = "channels_first", valid_sizes=None):
     """timm's catavgmax: the window averages and maxima concatenated along the channel axis.
 
     ``C`` channels become ``2C``: the averages first, then the maxima (any spatial rank).
     """
     rank = _args.output_rank(output_size, "adaptive_catavgmax_pool")
-    return _reduction(x, output_size, rank, data_format, "adaptive_catavgmax_pool", "catavgmax")
+    return _reduction(x, output_size, rank, data_format, "adaptive_catavgmax_pool", "catavgmax",
+                      valid_sizes=valid_sizes)
 
 
-def adaptive_catavgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_catavgmax_pool1d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """1-D :func:`adaptive_catavgmax_pool`."""
-    return _reduction(x, output_size, 1, data_format, "adaptive_catavgmax_pool1d", "catavgmax")
+    return _reduction(x, output_size, 1, data_format, "adaptive_catavgmax_pool1d", "catavgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_catavgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first"):
+def adaptive_catavgmax_pool2d(x, output_size: OutputSize = 1, *, data_format: str = "channels_first", valid_sizes=None):
     """2-D :func:`adaptive_catavgmax_pool` (timm's ``adaptive_catavgmax_pool2d``)."""
-    return _reduction(x, output_size, 2, data_format, "adaptive_catavgmax_pool2d", "catavgmax")
+    return _reduction(x, output_size, 2, data_format, "adaptive_catavgmax_pool2d", "catavgmax", valid_sizes=valid_sizes)
 
 
-def adaptive_catavgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first"):
+def adaptive_catavgmax_pool3d(x, output_size: OutputSize, *, data_format: str = "channels_first", valid_sizes=None):
     """3-D :func:`adaptive_catavgmax_pool`."""
-    return _reduction(x, output_size, 3, data_format, "adaptive_catavgmax_pool3d", "catavgmax")
+    return _reduction(x, output_size, 3, data_format, "adaptive_catavgmax_pool3d", "catavgmax", valid_sizes=valid_sizes)
 
 
 def select_adaptive_pool2d(x, pool_type: str = "avg", output_size: OutputSize = 1, flatten: bool = False, *,
-                           data_format: str = "channels_first"):
+                           data_format: str = "channels_first", valid_sizes=None):
     """timm's selectable pooling of a batch ``(N, C, H, W)`` (or ``(N, H, W, C)``).
 
     ``pool_type``: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` (``2C`` channels), the
     ``'fast…'`` spellings of the same (global pools: ``output_size`` must be 1; ``'fast'`` is
     avg), or ``''`` for no pooling.  ``flatten`` then flattens every axis after the batch axis,
-    as timm's ``nn.Flatten(1)``.
+    as timm's ``nn.Flatten(1)``.  ``valid_sizes``: ``(N, 2)``, as :func:`adaptive_avg_pool`.
     """
     function = "select_adaptive_pool2d"
     kind = _args.pool_type(pool_type, function)
@@ -313,6 +321,7 @@ def select_adaptive_pool2d(x, pool_type: str = "avg", output_size: OutputSize = 
         if kind.startswith("fast"):
             _args.fast_output_size(output_size, kind, function)
             kind = kind.removeprefix("fast") or "avg"
-        x = _reduction(x, output_size, 2, data_format, function, kind, batched=True) if kind != "max" else \
-            _pool(x, output_size, 2, data_format, function, "max", batched=True)[0]
+        x = _reduction(x, output_size, 2, data_format, function, kind, batched=True, valid_sizes=valid_sizes) \
+            if kind != "max" else \
+            _pool(x, output_size, 2, data_format, function, "max", batched=True, valid_sizes=valid_sizes)[0]
     return backend.flatten(x) if flatten else x

@@ -264,24 +264,30 @@ def _power_mean(x: np.ndarray, spec: PoolSpec, p: float, mean: bool, floor: floa
     return out.squeeze(k_axes)
 
 
-def lp_pool(x: np.ndarray, spec: PoolSpec, norm_type: float) -> np.ndarray:
+def lp_pool(x: np.ndarray, spec: PoolSpec, norm_type: float, valid_sizes=None, keep=None) -> np.ndarray:
     """``(Σ_w x^p)^(1/p)`` with ``p = norm_type`` (torch.pow's signs: a negative ``x`` with a
     non-integer ``p`` is NaN, as in ``torch.nn.functional.lp_pool2d``); float64, rounded once."""
     x = np.asarray(x)
+    if valid_sizes is not None:
+        return _per_sample(x, spec, valid_sizes, keep, lambda crop, s: lp_pool(crop, s, norm_type))
     empty = _empty(x, spec)
     return empty if empty is not None else _power_mean(x, spec, float(norm_type), False, None).astype(x.dtype)
 
 
-def gem_pool(x: np.ndarray, spec: PoolSpec, p, eps: float) -> np.ndarray:
+def gem_pool(x: np.ndarray, spec: PoolSpec, p, eps: float, valid_sizes=None, keep=None) -> np.ndarray:
     """Generalised mean ``(mean_w max(x, eps)^p)^(1/p)``; float64, rounded once."""
     x = np.asarray(x)
+    if valid_sizes is not None:
+        return _per_sample(x, spec, valid_sizes, keep, lambda crop, s: gem_pool(crop, s, p, eps))
     empty = _empty(x, spec)
     return empty if empty is not None else _power_mean(x, spec, float(p), True, float(eps)).astype(x.dtype)
 
 
-def avgmax_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+def avgmax_pool(x: np.ndarray, spec: PoolSpec, valid_sizes=None, keep=None) -> np.ndarray:
     """``0.5 · (avg + max)`` of each window (timm's avgmax), float64, rounded once."""
     x = np.asarray(x)
+    if valid_sizes is not None:
+        return _per_sample(x, spec, valid_sizes, keep, avgmax_pool)
     empty = _empty(x, spec)
     if empty is not None:
         return empty
@@ -289,10 +295,11 @@ def avgmax_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
         return (0.5 * (_avg64(x, spec) + max_pool(x, spec).astype(np.float64))).astype(x.dtype)
 
 
-def catavgmax_pool(x: np.ndarray, spec: PoolSpec) -> np.ndarray:
+def catavgmax_pool(x: np.ndarray, spec: PoolSpec, valid_sizes=None, keep=None) -> np.ndarray:
     """``concat([avg, max], channel axis)`` (timm's catavgmax): the channel axis doubles."""
     x = np.asarray(x)
-    return np.concatenate([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+    valid = {} if valid_sizes is None else {"valid_sizes": valid_sizes, "keep": keep}
+    return np.concatenate([avg_pool(x, spec, **valid), max_pool(x, spec, **valid)], axis=spec.channel_axis)
 
 
 def flatten(x):
