@@ -710,3 +710,28 @@ def test_harness_rejects_plain_pooling_of_padded_batches():
              if any(row != c.spec.input_size for row in c.valid)]
     report = _harness.check(plain, cases)
     assert len(report.failures) > len(cases), report.failures[:3]
+
+
+def test_reductions_on_numpy_pool_each_crop_alone():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 9, 7))
+    x[1, :, 4:, :] = np.nan  # padding of sample 1: must not reach its output
+    x[1, :, :, 3:] = np.inf
+    sizes = np.array([[9, 7], [4, 3], [1, 2]])
+    calls = [lambda t, **k: anypool.adaptive_lp_pool2d(t, 2.0, (3, None), **k),
+             lambda t, **k: anypool.adaptive_gem_pool2d(np.abs(t), 2, 3.0, **k),
+             lambda t, **k: anypool.adaptive_avgmax_pool2d(t, 2, **k),
+             lambda t, **k: anypool.adaptive_catavgmax_pool2d(t, 2, **k)]
+    for pool in calls:
+        got = pool(x, valid_sizes=sizes)
+        for i, (h, w) in enumerate(sizes):
+            alone = pool(x[i:i + 1, :, :h, :w])
+            oh, ow = alone.shape[2:]
+            np.testing.assert_array_equal(got[i:i + 1, :, :oh, :ow], alone)
+            assert not got[i, :, oh:, :].any() and not got[i, :, :, ow:].any()
+
+
+def test_reductions_with_valid_sizes_elsewhere_name_the_argument():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"adaptive_gem_pool2d\(valid_sizes\).*NumPy input"):
+        anypool.adaptive_gem_pool2d(torch.ones(2, 1, 4, 4), 2, valid_sizes=[[4, 4], [2, 2]])
