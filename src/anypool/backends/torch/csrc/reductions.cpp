@@ -69,11 +69,83 @@ inline void window(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t 
     }
 }
 
+constexpr int kLanes = 16;  // independent partial results of a contiguous span
+
+// A global pool of planar (NCHW) input: every plane one contiguous window (see common.h's problem).
+inline bool planar_global(const Problem& p) {
+  return p.K == 1 && !p.per_sample() && p.d.L == 1 && p.h.L == 1 && p.d.O == 1 && p.h.O == 1 && p.w.O == 1;
+}
+
+// window_sums of a planar window (K == 1): over contiguous row spans, with independent lanes
+// folded by halving, so the loops vectorise.  The maximum skips NaN (it never compares greater);
+// a NaN term then makes the total NaN, as the sticky maximum of the channels_last loop does.
+template <typename acc_t, typename T, typename Clamp>
+inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, Clamp&& clamp) {
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  acc_t m[kLanes] = {};  // every t here is >= 0 (|x|, or clamped to eps > 0)
+  for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+    for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+      const T* __restrict__ v = xn + (d * H.L + h) * W.L + W.start[c];
+      const int64_t n = W.size(c);
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const acc_t t = clamp(static_cast<acc_t>(v[i + l]));
+          m[l] = t > m[l] ? t : m[l];
+        }
+      for (; i < n; ++i) {
+        const acc_t t = clamp(static_cast<acc_t>(v[i]));
+        m[0] = t > m[0] ? t : m[0];
+      }
+    }
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) m[l] = m[l + w] > m[l] ? m[l + w] : m[l];
+  return m[0];
+}
+
+template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
+inline void planar_window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, acc_t pw,
+                               acc_t eps, acc_t* scale, acc_t* total, acc_t* logs) {
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const auto clamp = [eps](acc_t t) { return GEM ? (t < eps ? eps : t) : std::abs(t); };
+  const acc_t m = planar_max<acc_t>(xn, p, a, b, c, clamp);
+  const bool inf = std::isinf(m);
+  const acc_t sc = (std::isfinite(m) && m > 0) ? m : acc_t(1);
+  acc_t s[kLanes] = {}, g[kLanes] = {};
+  const auto add = [&](int l, acc_t t) {
+    if (GEM) t = t < eps ? eps : t;
+    const acc_t u = t / sc;
+    const acc_t term = power<IP>(u, pw);
+    // m = inf: only the infinite terms count (a NaN term, not finite either, still does)
+    const bool skip = inf && (t - t == 0);
+    s[l] += skip ? acc_t(0) : term;
+    if (LOG) g[l] += skip ? acc_t(0) : term * std::log(u);
+  };
+  for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+    for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+      const T* __restrict__ v = xn + (d * H.L + h) * W.L + W.start[c];
+      const int64_t n = W.size(c);
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) add(l, static_cast<acc_t>(v[i + l]));
+      for (int l = 0; i < n; ++i, ++l) add(l, static_cast<acc_t>(v[i]));
+    }
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) {
+      s[l] += s[l + w];
+      if (LOG) g[l] += g[l + w];
+    }
+  scale[0] = sc;
+  total[0] = s[0];
+  if (LOG) logs[0] = g[0];
+}
+
 // The scaled sums of one window, per channel: scale (m where finite and > 0, else 1), T = Σ u^p
 // (u = t / scale, terms restricted to |t| = inf when m = inf) and, with LOG, Σ u^p ln u.
 template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
 inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, int64_t nk, acc_t pw,
                         acc_t eps, acc_t* scale, acc_t* total, acc_t* logs) {
+  if (p.K == 1) return planar_window_sums<GEM, IP, LOG>(xn, p, a, b, c, pw, eps, scale, total, logs);
   acc_t m[kBlock];
   for (int64_t k = 0; k < nk; ++k) m[k] = 0;
   window(xn, p, a, b, c, [&](const T* v, int64_t) {
@@ -162,6 +234,22 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
       }
     });
   });
+  if (planar_global(p)) {  // one coefficient per plane: the gather below without its per-row set-up
+    const int64_t L = W.L;
+    at::parallel_for(0, p.B, grain(L), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* __restrict__ xr = x + r * L;
+        T* __restrict__ out = gin + r * L;
+        const acc_t cf = coef[r], sc = scales[r];
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t t = static_cast<acc_t>(xr[i]);
+          const acc_t v = acc_t(0) + cf * power<IP == 0 ? 0 : IP - 1>((GEM && t < eps ? eps : t) / sc, pw - acc_t(1));
+          out[i] = static_cast<T>(!GEM || !(t < eps) ? v : acc_t(0));
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, p.B * D.L * H.L * KB, grain(2 * p.in_row() / KB), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> acc_buffer(W.L * std::min(p.K, kBlock));
     for_items(lo, hi, D.L, H.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
@@ -196,14 +284,21 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
 
 // ---- avgmax: mean, max and argmax of each window in one pass -----------------------------
 
-// Contiguous spans (planar windows): sum and maximum with independent lanes, so they vectorise;
-// the argmax is then found by a short scan (first position equal to the maximum, or the last NaN).
-constexpr int kLanes = 16;
-
+// Contiguous spans (planar windows): sum and maximum with independent lanes, so they vectorise,
+// folded by halving (a fixed order: the same bits for any thread count); NaN never compares
+// greater, so the maximum skips it and the sum reveals it.  The argmax is then found by a short
+// scan (first position equal to the maximum, or the last NaN).
 template <typename acc_t, typename T>
-inline void span_sum_max(const T* __restrict__ v, int64_t n, acc_t& sum, acc_t& best, bool& nan) {
+inline void span_sum_max(const T* __restrict__ v, int64_t n, acc_t& sum, acc_t& best) {
+  if (n < kLanes) {  // short spans: the lanes' set-up and fold would cost more than the loop
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t t = static_cast<acc_t>(v[i]);
+      sum += t;
+      best = t > best ? t : best;
+    }
+    return;
+  }
   acc_t s[kLanes] = {}, m[kLanes];
-  bool bad[kLanes] = {};
   for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<acc_t>::infinity();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -211,19 +306,19 @@ inline void span_sum_max(const T* __restrict__ v, int64_t n, acc_t& sum, acc_t& 
       const acc_t t = static_cast<acc_t>(v[i + l]);
       s[l] += t;
       m[l] = t > m[l] ? t : m[l];
-      bad[l] |= t != t;
     }
-  for (; i < n; ++i) {
+  for (int l = 0; i < n; ++i, ++l) {
     const acc_t t = static_cast<acc_t>(v[i]);
-    s[0] += t;
-    m[0] = t > m[0] ? t : m[0];
-    bad[0] |= t != t;
+    s[l] += t;
+    m[l] = t > m[l] ? t : m[l];
   }
-  for (int l = 0; l < kLanes; ++l) {
-    sum += s[l];
-    best = m[l] > best ? m[l] : best;
-    nan |= bad[l];
-  }
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) {
+      s[l] += s[l + w];
+      m[l] = m[l + w] > m[l] ? m[l + w] : m[l];
+    }
+  sum += s[0];
+  best = m[0] > best ? m[0] : best;
 }
 
 template <typename T>
@@ -238,12 +333,11 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
       const int64_t o0 = ((n * D.O + a) * H.O + b) * W.O;
       for (int64_t c = 0; c < W.O; ++c) {
         acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-        bool nan = false;
         for (int64_t d = D.start[a]; d < D.end[a]; ++d)
           for (int64_t h = H.start[b]; h < H.end[b]; ++h)
-            span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best, nan);
+            span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best);
         int64_t where = -1;  // PyTorch's pick, in row-major order
-        if (nan) {
+        if (is_nan(sum)) {  // a NaN, or inf - inf
           for (int64_t d = D.end[a] - 1; d >= D.start[a] && where < 0; --d)
             for (int64_t h = H.end[b] - 1; h >= H.start[b] && where < 0; --h)
               for (int64_t i = W.end[c] - 1; i >= W.start[c]; --i)
@@ -251,15 +345,15 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
                   where = (d * H.L + h) * W.L + i;
                   break;
                 }
-        } else {
-          for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
-            for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h)
-              for (int64_t i = W.start[c]; i < W.end[c]; ++i)
-                if (static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]) == best) {
-                  where = (d * H.L + h) * W.L + i;
-                  break;
-                }
         }
+        // no NaN: the first maximum (an all -inf window's first -inf; the maximum skipped only NaN)
+        for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h)
+            for (int64_t i = W.start[c]; i < W.end[c]; ++i)
+              if (static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]) == best) {
+                where = (d * H.L + h) * W.L + i;
+                break;
+              }
         const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
         const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
         ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
@@ -315,6 +409,19 @@ template <typename T>
 void avgmax_backward_kernel(const T* ga, const T* gm, const int64_t* gi, T* gin, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &D = p.d, &H = p.h, &W = p.w;
+  if (planar_global(p)) {  // the gather below without its per-row set-up (same sums: the same bits)
+    const int64_t L = W.L;
+    at::parallel_for(0, p.B, grain(L), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const acc_t av = acc_t(0) + static_cast<acc_t>(ga[r]) * (acc_t(1) / acc_t(L));
+        const acc_t hit = acc_t(0) + static_cast<acc_t>(gm[r]);
+        const int64_t f = gi[r];
+        T* __restrict__ out = gin + r * L;
+        for (int64_t i = 0; i < L; ++i) out[i] = static_cast<T>((i == f ? hit : acc_t(0)) + av);
+      }
+    });
+    return;
+  }
   const int64_t KB = p.blocks(), items = p.B * D.L * H.L * KB;
   at::parallel_for(0, items, grain(p.in_row() / KB + 2 * p.out_row() / KB), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> avg_buffer(W.O * std::min(p.K, kBlock)), acc_buffer(W.L * std::min(p.K, kBlock));
