@@ -136,6 +136,30 @@ def test_all_nan_and_inf_windows():
     assert torch.isnan(avg[0, 0, 1]) and avg[0, 0, 2] == 1.5  # inf + -inf is NaN, as in PyTorch
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_long_planar_spans_pick_torchs_argmax(dtype):
+    # planar windows of >= 16 positions take the vectorised lanes: each row one rule of PyTorch's pick
+    nan, inf = np.nan, np.inf
+    rows = np.full((9, 49), -5.0)
+    rows[0] = np.random.default_rng(0).standard_normal(49)
+    rows[1, 30] = nan                          # one NaN
+    rows[2, [3, 40]] = nan                     # the last NaN wins
+    rows[3] = -inf                             # all -inf: the first
+    rows[4, [20, 35]] = inf                    # +inf is a plain maximum (no NaN), the first of two
+    rows[5, [17, 33]] = 7.0                    # ties keep the first
+    rows[6, 18], rows[6, 19] = -0.0, 0.0       # -0.0 == 0.0: the first, with its own sign
+    rows[7, 48] = nan                          # a NaN past the last full lane group
+    rows[8, 5], rows[8, 40] = inf, -inf        # inf - inf flags the lanes without a NaN
+    x = torch.from_numpy(rows).to(dtype)
+    cases = [(x.reshape(9, 1, 7, 7), (1, 1)), (x.reshape(9, 1, 49), (1,)), (x[:, :48].reshape(9, 1, 48), (2,))]
+    for shaped, out in cases:
+        values, indices = cpu.max_forward(shaped, out)
+        want_values, want_indices = ref.max_pool(_np(shaped), _spec(tuple(shaped.shape), out), return_indices=True)
+        np.testing.assert_array_equal(indices.numpy(), want_indices)
+        np.testing.assert_array_equal(_np(values), want_values)
+        assert np.array_equal(np.signbit(_np(values)), np.signbit(want_values))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_backward_is_bitwise_deterministic(layout):
     rng = np.random.default_rng(3)

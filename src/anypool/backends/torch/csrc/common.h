@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -99,6 +100,88 @@ inline Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef
     }
   }
   return p;
+}
+
+// A global pool of planar (NCHW) input: every plane one contiguous window (see problem()).
+inline bool planar_global(const Problem& p) {
+  return p.K == 1 && !p.per_sample() && p.d.L == 1 && p.h.L == 1 && p.d.O == 1 && p.h.O == 1 && p.w.O == 1;
+}
+
+// ---- contiguous spans (planar windows) ----------------------------------------------------
+// Independent lanes, so the loops vectorise, folded by halving: a fixed order (the same bits
+// for any thread count) and log2(kLanes) dependent steps instead of kLanes.
+
+constexpr int kLanes = 16;
+
+template <typename V, typename Op>
+inline V fold(V* lane, Op op) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) lane[l] = op(lane[l], lane[l + w]);
+  return lane[0];
+}
+
+template <typename acc_t, typename S>
+inline acc_t span_sum(const S* __restrict__ v, int64_t n) {
+  if (n < kLanes) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(v[i]);
+    return s;
+  }
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(v[i + l]);
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += static_cast<acc_t>(v[i]);
+  return fold(part, [](acc_t a, acc_t b) { return a + b; }) + tail;
+}
+
+// The first i < n with v[i] == m, or -1.
+template <typename acc_t, typename T>
+inline int64_t find_equal(const T* __restrict__ v, int64_t n, acc_t m) {
+  for (int64_t i = 0; i < n; ++i)
+    if (static_cast<acc_t>(v[i]) == m) return i;
+  return -1;
+}
+
+// The last i < n with v[i] NaN, or -1.
+template <typename acc_t, typename T>
+inline int64_t find_last_nan(const T* __restrict__ v, int64_t n) {
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const acc_t t = static_cast<acc_t>(v[i]);
+    if (t != t) return i;
+  }
+  return -1;
+}
+
+// PyTorch's argmax of a span (the first maximum; the last NaN if there is one).  The lanes'
+// maximum skips NaN (it never compares greater); t - t, NaN for NaN and inf alone, flags them.
+template <typename acc_t, typename T>
+inline int64_t span_argmax(const T* __restrict__ v, int64_t n) {
+  acc_t m[kLanes], flag[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+#pragma omp simd  // (GCC keeps a select chain on floats scalar without it)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t t = static_cast<acc_t>(v[i + l]);
+      m[l] = t > m[l] ? t : m[l];
+      flag[l] += t - t;
+    }
+  acc_t tail_max = -std::numeric_limits<acc_t>::infinity(), tail_flag = 0;
+  for (; i < n; ++i) {
+    const acc_t t = static_cast<acc_t>(v[i]);
+    tail_max = t > tail_max ? t : tail_max;
+    tail_flag += t - t;
+  }
+  const acc_t f = fold(flag, [](acc_t a, acc_t b) { return a + b; }) + tail_flag;
+  if (f != f) {
+    const int64_t last = find_last_nan<acc_t>(v, n);
+    if (last >= 0) return last;
+  }
+  // an all -inf span's first -inf: the maximum skipped only NaN
+  const acc_t best = fold(m, [](acc_t a, acc_t b) { return b > a ? b : a; });
+  return find_equal<acc_t>(v, n, tail_max > best ? tail_max : best);
 }
 
 // Calls f(n, a, b, kb) for the items lo..hi of the row-major grid (N, A, B, KB): lo is

@@ -64,26 +64,6 @@ inline void with_nk(int64_t nk, F&& f) {
   else f(std::integral_constant<int, 0>{});
 }
 
-// A long contiguous sum with independent partial sums, so the compiler vectorises it
-// (a fixed order: the same result for any thread count).
-template <typename acc_t, typename S>
-inline acc_t span_sum(const S* __restrict__ v, int64_t n) {
-  constexpr int kLanes = 16;
-  if (n < kLanes) {
-    acc_t s = 0;
-    for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(v[i]);
-    return s;
-  }
-  acc_t part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(v[i + l]);
-  acc_t s = 0;
-  for (; i < n; ++i) s += static_cast<acc_t>(v[i]);
-  for (int l = 0; l < kLanes; ++l) s += part[l];
-  return s;
-}
-
 // row[i, k] (+)= src[i * K + k] for the n positions of one input row (nk channels each).
 template <int NK, typename acc_t, typename T>
 inline void add_row(const T* __restrict__ src, int64_t K, int64_t n, int64_t nk_, acc_t* __restrict__ row,
@@ -150,7 +130,7 @@ template <typename T>
 void avg_forward_kernel(const T* x, T* y, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
-  if (p.K == 1 && !p.per_sample() && Dp.L == 1 && Hp.L == 1 && Dp.O == 1 && Hp.O == 1 && Wp.O == 1) {
+  if (planar_global(p)) {
     // planar global pool: each plane one span; the general loop's per-item set-up costs more than
     // a short plane's sum (e.g. 7x7).  Same span_sum and divisor as avg_row: the same bits.
     const int64_t L = Wp.L;
@@ -261,6 +241,14 @@ inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64
   int64_t bf[kBlock];
   for (int64_t c = 0; c < w.O; ++c) {
     const int64_t i0 = w.start[c];
+    if constexpr (NK == 1 && kOneRow) {
+      if (w.size(c) >= kLanes) {  // planar, one long contiguous span
+        const int64_t i = i0 + span_argmax<acc_t>(src + i0, w.size(c));
+        out[c * K] = static_cast<T>(src[i]);
+        idx[c * K] = row_of(i, 0) + i;
+        continue;
+      }
+    }
     for (int64_t k = 0; k < nk; ++k) {
       bv[k] = static_cast<acc_t>(src[i0 * step + k]);
       bf[k] = row_of(i0, k) + i0;
@@ -300,6 +288,17 @@ template <typename T>
 void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  if (planar_global(p) && Wp.L >= kLanes) {  // each plane one span, without the general loop's per-item set-up
+    const int64_t L = Wp.L;
+    at::parallel_for(0, p.B, grain(L), [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t i = span_argmax<acc_t>(x + b * L, L);
+        y[b] = x[b * L + i];
+        yi[b] = i;
+      }
+    });
+    return;
+  }
   const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
   const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {

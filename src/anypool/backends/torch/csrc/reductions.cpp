@@ -69,13 +69,6 @@ inline void window(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t 
     }
 }
 
-constexpr int kLanes = 16;  // independent partial results of a contiguous span
-
-// A global pool of planar (NCHW) input: every plane one contiguous window (see common.h's problem).
-inline bool planar_global(const Problem& p) {
-  return p.K == 1 && !p.per_sample() && p.d.L == 1 && p.h.L == 1 && p.d.O == 1 && p.h.O == 1 && p.w.O == 1;
-}
-
 // window_sums of a planar window (K == 1): over contiguous row spans, with independent lanes
 // folded by halving, so the loops vectorise.  The maximum skips NaN (it never compares greater);
 // a NaN term then makes the total NaN, as the sticky maximum of the channels_last loop does.
@@ -337,23 +330,18 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
           for (int64_t h = H.start[b]; h < H.end[b]; ++h)
             span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best);
         int64_t where = -1;  // PyTorch's pick, in row-major order
-        if (is_nan(sum)) {  // a NaN, or inf - inf
+        if (is_nan(sum))  // a NaN, or inf - inf
           for (int64_t d = D.end[a] - 1; d >= D.start[a] && where < 0; --d)
-            for (int64_t h = H.end[b] - 1; h >= H.start[b] && where < 0; --h)
-              for (int64_t i = W.end[c] - 1; i >= W.start[c]; --i)
-                if (is_nan(static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]))) {
-                  where = (d * H.L + h) * W.L + i;
-                  break;
-                }
-        }
+            for (int64_t h = H.end[b] - 1; h >= H.start[b] && where < 0; --h) {
+              const int64_t r = (d * H.L + h) * W.L + W.start[c], i = find_last_nan<acc_t>(xn + r, W.size(c));
+              where = i < 0 ? -1 : r + i;
+            }
         // no NaN: the first maximum (an all -inf window's first -inf; the maximum skipped only NaN)
         for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
-          for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h)
-            for (int64_t i = W.start[c]; i < W.end[c]; ++i)
-              if (static_cast<acc_t>(xn[(d * H.L + h) * W.L + i]) == best) {
-                where = (d * H.L + h) * W.L + i;
-                break;
-              }
+          for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h) {
+            const int64_t r = (d * H.L + h) * W.L + W.start[c], i = find_equal<acc_t>(xn + r, W.size(c), best);
+            where = i < 0 ? -1 : r + i;
+          }
         const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
         const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
         ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
