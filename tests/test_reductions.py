@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import anypool
-from anypool import _bins, _harness
+from anypool import _harness
 from anypool.backends import numpy as reference
 
 torch = pytest.importorskip("torch")
@@ -107,72 +107,57 @@ def _to_torch(x: np.ndarray, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
 
 
-def _ulp(v: np.ndarray, dtype: str) -> np.ndarray:
-    """The spacing of ``dtype`` at ``v`` (its normal range; the subnormal spacing below it)."""
-    mant, tiny = {"float16": (10, 2.0**-14), "bfloat16": (7, 2.0**-126)}[dtype]
-    a = np.maximum(np.abs(v), tiny)
-    return 2.0 ** (np.floor(np.log2(a)) - mant)
+def _assert_within(got, want: np.ndarray, dtype: str, window: int, what: str):
+    """The harness's bound for the reductions (:class:`_harness.Reduced`), with no summation scale."""
+    problem = _harness.Reduced(want, np.zeros(want.shape), window).problem(got, dtype)
+    assert problem is None, f"{what}: {problem}"
 
 
-def _reference64(x: np.ndarray, spec, reduce: str, p: float, eps: float) -> np.ndarray:
-    x = x.astype(np.float64)
-    if reduce == "lp":
-        return reference.lp_pool(x, spec, p)
-    if reduce == "gem":
-        return reference.gem_pool(x, spec, p, eps)
-    return getattr(reference, f"{reduce}_pool")(x, spec)
-
-
-def _window_scale(x: np.ndarray, spec, reduce: str) -> np.ndarray:
-    """The largest |x| of each window (what a rounding error in a sum is relative to)."""
-    m = reference.max_pool(np.abs(x.astype(np.float64)), spec)
-    return np.concatenate([m, m], axis=spec.channel_axis) if reduce == "catavgmax" else m
-
-
-def _check_close(got: np.ndarray, want: np.ndarray, scale: np.ndarray, dtype: str, window: int, what: str):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, what
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"NaN positions: {what}")
-    inf = np.isinf(want)
-    np.testing.assert_array_equal(got[inf], want[inf], err_msg=f"inf positions: {what}")
-    ok = np.isfinite(want)
-    g, w, s = got[ok], want[ok], np.where(np.isfinite(scale), scale, 0)[ok]
-    accumulate = 2.0**-52 if dtype == "float64" else 2.0**-24
-    summation = 4 * window * accumulate * s  # an accumulator's rounding, relative to the window's largest |x|
-    if dtype in ("float16", "bfloat16"):
-        rounded = _to_torch(w, "float64").to(getattr(torch, dtype)).double().numpy()  # rounded once
-        bad = (np.abs(g - rounded) > _ulp(rounded, dtype)) & (np.abs(g - w) > summation + _ulp(w, dtype))
-    else:
-        bad = np.abs(g - w) > 16 * accumulate * np.abs(w) + summation
-    assert not bad.any(), f"{what}: worst {np.abs(g - w)[bad].max():.3g} at {w[bad][:4]} (got {g[bad][:4]})"
-
-
-def _exponent_for(case) -> float:
-    return [2.0, 2.5, 3.0, 1.0, 4.0, 7.3][case.seed % 6]
-
-
-def _case_input(case, reduce, p):
-    x = case.input()
-    if reduce == "lp" and p in (3.0, 7.3):  # an odd power of mixed signs cancels: conditioning, not accuracy
-        x = np.abs(x)
-    return x
+def _report_clean(report: _harness.Report):
+    assert not report.failures, f"{report.column}: {len(report.failures)} failures, e.g. " + "; ".join(
+        report.failures[:3])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduce", REDUCTIONS)
-def test_torch_matches_reference(impl, reduce):
-    cases = [c for c in _harness.random_cases(60, seed=12 + REDUCTIONS.index(reduce))
+def test_torch_matches_reference(impl):
+    """The differential harness: every reduction on random cases (every dtype, layout, storage, NaN and inf,
+    padded batches left to the NumPy reference)."""
+    from anypool.backends import torch as torch_backend
+
+    cases = [c for c in _harness.random_cases(240, seed=12)  # the C++ module serves no size-0 output
              if 0 not in c.spec.output_size or impl == "portable"]
     with ops.force_implementation(impl):
-        for case in cases:
-            spec, p = case.spec, _exponent_for(case)
-            x = _case_input(case, reduce, p)
-            got = _run_torch(_to_torch(x, case.dtype), case.output_size, reduce, p, 0.5, case.data_format)
-            assert got.dtype == getattr(torch, case.dtype)
-            want = _reference64(x, spec, reduce, p, 0.5)
-            window = math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
-            _check_close(got.double().numpy(), want, _window_scale(x, spec, reduce), case.dtype, window,
-                         f"{reduce} p={p} {case.describe()}")
+        report = _harness.check(_harness.anypool_column(torch_backend), cases, ops=_harness.REDUCTIONS)
+    _report_clean(report)
+    assert report.cases == 4 * len(cases)
+
+
+def test_harness_fails_wrong_reductions():
+    """Each column below is wrong in one way the bound must catch."""
+    from anypool.backends import torch as torch_backend
+
+    right = _harness.anypool_column(torch_backend)
+
+    def two_ulps_off(case, x, op):  # a half-type result rounded, then moved by two ulps
+        got = np.asarray(right.run(case, x, op), np.float64)
+        return np.where(np.isfinite(got), got + 2 * _harness.ulp(got, case.dtype), got)
+
+    def max_first(case, x, op):  # catavgmax with the halves swapped
+        got = right.run(case, x, op)
+        return np.concatenate(np.split(got, 2, axis=case.spec.channel_axis)[::-1], axis=case.spec.channel_axis)
+
+    def wrong_floor(case, x, op):  # GeM clamped at 1e-6 instead of the case's eps
+        return anypool.adaptive_gem_pool(torch.from_numpy(x), case.output_size, p=case.exponent, eps=1e-6,
+                                         data_format=case.data_format).numpy()
+
+    cases = _harness.random_cases(60, seed=19, valid=0.0)
+    for run, ops_, dtypes in ((two_ulps_off, ("lp", "gem", "avgmax"), ("bfloat16", "float16")),
+                              (max_first, ("catavgmax",), _harness.DTYPES),
+                              (wrong_floor, ("gem",), ("float32", "float64"))):
+        column = _harness.Column(run.__name__, run, lambda case, op, d=dtypes: case.dtype in d and
+                                 0 not in case.spec.output_size, ops=ops_)
+        report = _harness.check(column, cases, ops=ops_, min_share=0.0)
+        assert report.cases > 5 and len(report.failures) > report.cases // 2, (run.__name__, report)
 
 
 def _run_torch(t, out, reduce, p=2.5, eps=1e-6, data_format="channels_first"):
@@ -194,11 +179,8 @@ def test_large_p_does_not_overflow(impl, dtype):
         assert torch.isfinite(lp).all() and torch.isfinite(gem).all()
         (lp.float().sum() + gem.float().sum()).backward()
         assert torch.isfinite(t.grad).all()
-    window = 25
-    _check_close(lp.double().detach().numpy(), reference.lp_pool(x, spec, 16.0), np.zeros(lp.shape), dtype, window,
-                 "lp")
-    _check_close(gem.double().detach().numpy(), reference.gem_pool(x, spec, 12.0, 1e-6), np.zeros(gem.shape), dtype,
-                 window, "gem")
+    _assert_within(lp.double().detach().numpy(), reference.lp_pool(x, spec, 16.0), dtype, 25, "lp")
+    _assert_within(gem.double().detach().numpy(), reference.gem_pool(x, spec, 12.0, 1e-6), dtype, 25, "gem")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -557,23 +539,20 @@ def test_swap_into_timm_resnet18(pool_type):
 # --- JAX (composed from its pools and gathers) ------------------------------------------------
 
 
-@pytest.mark.parametrize("reduce", REDUCTIONS)
-def test_jax_matches_reference(reduce):
+def test_jax_matches_reference():
     jax = pytest.importorskip("jax")
     from anypool.backends import jax as jax_backend
 
     dtypes = [d for d in _harness.DTYPES if jax_backend.supports_dtype(d)]
-    cases = _harness.random_cases(16, seed=40 + REDUCTIONS.index(reduce), dtypes=dtypes)
-    for case in cases:
-        spec, p = case.spec, _exponent_for(case)
-        x = _case_input(case, reduce, p)
-        fn = jax.jit(functools.partial(_run_numpy, out=case.output_size, reduce=reduce, p=p, eps=0.5,
-                                       data_format=case.data_format))
-        got = fn(jax_backend.from_numpy(x, case.dtype))
-        assert got.dtype.name == case.dtype
-        window = math.prod(_bins.max_window(L, O) for L, O in zip(spec.input_size, spec.output_size))
-        _check_close(np.asarray(got, np.float64), _reference64(x, spec, reduce, p, 0.5),
-                     _window_scale(x, spec, reduce), case.dtype, window, f"jax {reduce} p={p} {case.describe()}")
+    eager = _harness.anypool_column(jax_backend)
+
+    def jitted(case, x, op):  # the same public function, traced under jit
+        fn = jax.jit(lambda a: _harness.reduce(a, case, op, data_format=case.data_format))
+        return np.asarray(fn(jax_backend.from_numpy(x, case.dtype))).astype(np.float64)
+
+    cases = _harness.random_cases(24, seed=40, dtypes=dtypes)
+    _report_clean(_harness.check(_harness.Column("jax jit", jitted, eager.supports, ops=_harness.REDUCTIONS),
+                                 cases, ops=_harness.REDUCTIONS))
 
 
 def test_jax_gradients_match_torch():

@@ -2,8 +2,9 @@
 
 A *case* is one random call (shape, layout, output size, dtype, special values).
 A *column* is one implementation under test: a function ``run(case, x, op)`` that
-takes the case's NumPy input and returns NumPy results — values for ``"avg"`` and
-``"max"``, ``(values, indices)`` for ``"argmax"``.  Every column is compared with
+takes the case's NumPy input and returns NumPy results — values for ``"avg"``,
+``"max"`` and the further reductions (``"lp"``, ``"gem"``, ``"avgmax"``,
+``"catavgmax"``), ``(values, indices)`` for ``"argmax"``.  Every column is compared with
 the NumPy reference backend.  Used by ``anypool check`` and by the test-suite of
 every backend, so a new backend joins by adding a column, nothing else.
 """
@@ -21,6 +22,10 @@ from . import _args, _bins
 from .backends import numpy as reference
 
 OPS = ("avg", "max", "argmax")
+REDUCTIONS = ("lp", "gem", "avgmax", "catavgmax")
+# LP's and GeM's exponent, drawn by a case's seed, and GeM's floor (large enough to clamp some inputs)
+EXPONENTS = (2.0, 2.5, 3.0, 1.0, 4.0, 7.3)
+GEM_EPS = 0.5
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Unit roundoff of each dtype, and the dtype each one accumulates in (half types in float32).
 ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
@@ -98,6 +103,58 @@ class Accumulated:
                 f"exact {want[i]!r} (rounds to {exact!r}; allowed [{low[i]!r}, {high[i]!r}])")
 
 
+def ulp(values, dtype: str) -> np.ndarray:
+    """The spacing of ``dtype`` at ``values`` (the subnormal spacing below its normal range)."""
+    a = np.maximum(np.abs(np.asarray(values, dtype=np.float64)), TINY[dtype])
+    return 2.0 ** np.floor(np.log2(a)) * 2 * ROUNDOFF[dtype]
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The float64 result of a further reduction (LP, GeM, avgmax, catavgmax) and its error bound.
+
+    Powers and roots round more than once, so the contract is looser than :class:`Accumulated`'s:
+    float32/float64 results within 16 units of roundoff of ``value`` plus the accumulator's summation
+    error, ``4 · window · u_acc · scale`` (``scale``: the window's largest ``|x|``); half-type results
+    within one ulp of ``round_to(value)``, or within one ulp plus that summation error of ``value``.
+    """
+
+    value: np.ndarray
+    scale: np.ndarray
+    window: int
+
+    def problem(self, got, dtype: str) -> str | None:
+        """``None`` when ``got`` is within the bound, else what is wrong."""
+        got = np.asarray(got, dtype=np.float64)
+        if got.shape != self.value.shape:
+            return f"shape {got.shape} != {self.value.shape}"
+        nan = np.isnan(self.value)
+        if not np.array_equal(np.isnan(got), nan):
+            return "NaN positions differ"
+        finite = np.isfinite(self.value)
+        if not np.array_equal(got[~finite & ~nan], self.value[~finite & ~nan]):
+            return "inf positions differ"
+        g, w = got[finite], self.value[finite]
+        s = np.where(np.isfinite(self.scale), self.scale, 0)[finite]
+        accumulate = ROUNDOFF[ACCUMULATOR[dtype]]
+        summation = 4 * self.window * accumulate * s
+        if dtype in ("float16", "bfloat16"):
+            rounded = round_to(w, dtype)
+            bad = (np.abs(g - rounded) > ulp(rounded, dtype)) & (np.abs(g - w) > summation + ulp(w, dtype))
+        else:
+            bad = np.abs(g - w) > 16 * accumulate * np.abs(w) + summation
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        return f"{int(bad.sum())} of {bad.size} outside the bound, e.g. got {g[i]!r}, exact {w[i]!r}"
+
+    def error(self, got) -> float:
+        """``max |got - value| / (1 + |value|)`` over the finite outputs."""
+        finite = np.isfinite(self.value)
+        got, want = np.asarray(got, dtype=np.float64)[finite], self.value[finite]
+        return float((np.abs(got - want) / (1 + np.abs(want))).max(initial=0.0))
+
+
 @dataclass(frozen=True)
 class Case:
     shape: tuple[int, ...]
@@ -117,6 +174,11 @@ class Case:
     @property
     def rank(self) -> int:
         return len(self.output_size)
+
+    @property
+    def exponent(self) -> float:
+        """``norm_type`` of LP and ``p`` of GeM for this case."""
+        return EXPONENTS[self.seed % len(EXPONENTS)]
 
     @property
     def window(self) -> int:
@@ -266,9 +328,28 @@ def restride(arr, storage: str):
     return arr
 
 
+def operand(case: Case, x: np.ndarray, op: str) -> np.ndarray:
+    """The input ``op`` runs on: ``x``, or ``|x|`` for LP with ``p`` 3 or 7.3 (an odd power of mixed
+    signs cancels, and a non-integer one of a negative is NaN: conditioning, not accuracy)."""
+    return np.abs(x) if op == "lp" and case.exponent in (3.0, 7.3) else x
+
+
+def reduce(arr, case: Case, op: str, **kw):
+    """anypool's public function for reduction ``op`` on ``arr`` (any backend's array), with the case's
+    output size and exponent."""
+    import anypool
+
+    if op == "lp":
+        return anypool.adaptive_lp_pool(arr, case.exponent, case.output_size, **kw)
+    if op == "gem":
+        return anypool.adaptive_gem_pool(arr, case.output_size, p=case.exponent, eps=GEM_EPS, **kw)
+    return getattr(anypool, f"adaptive_{op}_pool")(arr, case.output_size, **kw)
+
+
 def expected(case: Case, x: np.ndarray, op: str):
     """The reference result for ``op`` on ``x``: an :class:`Accumulated` mean for ``"avg"``,
-    values (and indices) for ``"max"``/``"argmax"`` (float32 for bfloat16 cases).
+    values (and indices) for ``"max"``/``"argmax"`` (float32 for bfloat16 cases), a
+    :class:`Reduced` result for the further reductions.
 
     A padded batch (``case.valid``) gets each sample's own result on its crop, alone, placed in
     the padded output (0 beyond a sample's length on ``None`` axes); indices count positions of
@@ -276,6 +357,13 @@ def expected(case: Case, x: np.ndarray, op: str):
     """
     if case.valid is not None:
         return per_sample(case, x, lambda sample, crop: expected(sample, crop, op))
+    if op in REDUCTIONS:
+        spec, x64 = case.spec, x.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            value = np.asarray(reduce(x64, case, op, data_format=case.data_format), dtype=np.float64)
+            top = reference.max_pool(np.abs(x64), spec)
+        scale = np.concatenate([top, top], axis=spec.channel_axis) if op == "catavgmax" else top
+        return Reduced(value, scale, case.window)
     if op == "avg":
         spec = case.spec
         x64 = x.astype(np.float64)
@@ -329,12 +417,16 @@ def per_sample(case: Case, x: np.ndarray, pool: Callable[[Case, np.ndarray], obj
 
     def assemble(pick):
         first = pick(parts[0][1])
-        full = np.zeros(spec.output_shape, dtype=first.dtype)
+        shape = list(spec.output_shape)
+        shape[spec.channel_axis] = first.shape[spec.channel_axis]  # catavgmax doubles the channels
+        full = np.zeros(shape, dtype=first.dtype)
         for i, (size, out) in enumerate(parts):
             full[i:i + 1][_crop_index(spec, size)] = pick(out)
         return full
 
     first = parts[0][1]
+    if isinstance(first, Reduced):
+        return Reduced(assemble(lambda r: r.value), assemble(lambda r: r.scale), max(r.window for _, r in parts))
     if isinstance(first, Accumulated):
         return Accumulated(assemble(lambda a: a.value), assemble(lambda a: a.bound))
     if isinstance(first, tuple):
@@ -362,6 +454,9 @@ def compare(case: Case, op: str, got, want) -> tuple[float, str | None]:
     :class:`Accumulated`) or another implementation's result (an avg then agrees within
     ``case.avg_tolerance``, both having rounded).
     """
+    if isinstance(want, Reduced):
+        problem = want.problem(got, case.dtype)
+        return (float("inf"), problem) if problem else (want.error(got), None)
     if op == "argmax":
         (got_v, got_i), (want_v, want_i) = got, want
         err, problem = compare(case, "max", got_v, want_v)
@@ -433,8 +528,9 @@ def check(column: Column, cases: Iterable[Case], ops: Iterable[str] = OPS, progr
         for op in ops:
             if not column.supports(case, op):
                 continue
+            xo = operand(case, x, op)
             try:
-                err, problem = compare(case, op, column.run(case, x, op), column.expected(case, x, op))
+                err, problem = compare(case, op, column.run(case, xo, op), column.expected(case, xo, op))
             except Exception as e:  # a crash is a failure of the column, reported like a mismatch
                 err, problem = float("inf"), f"{type(e).__name__}: {e}"
             report.cases += 1
@@ -455,6 +551,8 @@ def anypool_column(backend) -> Column:
     def run(case: Case, x: np.ndarray, op: str):
         arr = restride(backend.from_numpy(x, case.dtype), case.storage)
         kw = dict(data_format=case.data_format, valid_sizes=case.valid_sizes)
+        if op in REDUCTIONS:
+            return _to_numpy(backend, reduce(arr, case, op, **kw))
         if op == "avg":
             return _to_numpy(backend, anypool.adaptive_avg_pool(arr, case.output_size, **kw))
         out = anypool.adaptive_max_pool(arr, case.output_size, return_indices=op == "argmax", **kw)
@@ -463,9 +561,11 @@ def anypool_column(backend) -> Column:
     def supports(case: Case, op: str) -> bool:
         # a backend may lack a dtype in this process (JAX has no float64 unless jax_enable_x64 is on)
         available = getattr(backend, "supports_dtype", lambda dtype: True)(case.dtype)
-        return available and (backend.name != "numpy" or case.dtype != "bfloat16")
+        # the further reductions take valid_sizes on NumPy input only (_args.valid_reductions_unsupported)
+        padded = op in REDUCTIONS and case.valid is not None and backend.name != "numpy"
+        return available and not padded and (backend.name != "numpy" or case.dtype != "bfloat16")
 
-    return Column(f"anypool[{backend.name}]", run, supports)
+    return Column(f"anypool[{backend.name}]", run, supports, ops=OPS + REDUCTIONS)
 
 
 def _to_numpy(backend, x) -> np.ndarray:

@@ -110,7 +110,7 @@ def _check(args) -> int:
     failed = False
     for column in columns:
         progress = _Progress(len(cases), column.name, sys.stderr.isatty())
-        report = _harness.check(column, cases, progress=progress)
+        report = _harness.check(column, cases, _harness.OPS + _harness.REDUCTIONS, progress=progress)
         failed |= bool(report.failures)
         print(f"{report.column:<28} {report.cases:>6} {report.max_error:>10.2e} {len(report.failures):>8}",
               flush=True)
@@ -137,22 +137,23 @@ def _demo(args) -> int:
             ("photo 600x512 -> 37x29 (non-divisible)", photo, (37, 29)),
             ("detail 40x40 -> 97x97 (upsampling)", crop, (97, 97))]
     columns = _harness.columns()
-    print(f"{'job':<40} {'op':<7} " + " ".join(f"{c.name:>22}" for c in columns))
+    print(f"{'job':<40} {'op':<9} " + " ".join(f"{c.name:>22}" for c in columns))
     failed = False
     pooled = []
     for title, image, size in jobs:
         x = image[None]  # (1, H, W, 3): channels_last, as images are stored
         case = _harness.Case(x.shape, size, "channels_last", "float32", "normal", 0)
-        for op in ("avg", "argmax"):
+        for op in ("avg", "argmax") + _harness.REDUCTIONS:
             cells = []
             for column in columns:
                 if op not in column.ops or not column.supports(case, op):
                     cells.append("n/a")
                     continue
-                err, problem = _harness.compare(case, op, column.run(case, x, op), column.expected(case, x, op))
+                xo = _harness.operand(case, x, op)
+                err, problem = _harness.compare(case, op, column.run(case, xo, op), column.expected(case, xo, op))
                 failed |= problem is not None
                 cells.append(problem or ("exact" if err == 0 else f"agree ({err:.1e})"))
-            print(f"{title:<40} {op:<7} " + " ".join(f"{c:>22}" for c in cells))
+            print(f"{title:<40} {op:<9} " + " ".join(f"{c:>22}" for c in cells))
         pooled.append((title, reference.avg_pool(x, case.spec)[0], reference.max_pool(x, case.spec)[0]))
 
     fig, grid = plt.subplots(2, len(jobs) + 1, figsize=(4 * (len(jobs) + 1), 8))

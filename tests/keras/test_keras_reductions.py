@@ -36,17 +36,9 @@ def _reference(reduce, x, spec, norm_type=2.0, p=3.0, eps=1e-6):
 
 
 def _assert_close(got, want, scale, window, what):
-    """float32 accumulation: within a few ulps of the float64 result, plus the window's summation error
-    relative to its largest |x| (``scale``); NaN and inf exactly where the reference has them."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, what
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"NaN positions: {what}")
-    inf = np.isinf(want)
-    np.testing.assert_array_equal(got[inf], want[inf], err_msg=f"inf positions: {what}")
-    ok = np.isfinite(want)
-    bound = 16 * 2.0**-24 * np.abs(want[ok]) + 4 * window * 2.0**-24 * np.where(np.isfinite(scale), scale, 0)[ok]
-    err = np.abs(got[ok] - want[ok])
-    assert (err <= bound).all(), f"{what}: worst error {err.max():.3g}"
+    """The harness's bound for the reductions (:class:`_harness.Reduced`), float32."""
+    problem = _harness.Reduced(np.asarray(want, np.float64), scale, window).problem(got, "float32")
+    assert problem is None, f"{what}: {problem}"
 
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
