@@ -147,6 +147,13 @@ def test_harness_column_agrees_with_reference():
     assert report.cases > 100 and not report.failures, report.failures[:3]
 
 
+def test_harness_column_reductions_agree_with_reference():
+    # LP, GeM, avgmax and catavgmax graphs (p and eps baked in) over the shared random cases
+    column = aox.harness_columns()[0]
+    report = _harness.check(column, _harness.random_cases(80, seed=24), ops=_harness.REDUCTIONS)
+    assert report.cases > 150 and not report.failures, report.failures[:3]
+
+
 def test_window_arithmetic_in_graph_matches_bins():
     # the _bins formulas evaluated on ONNX int64 values, for many (L, O) in one graph run
     from onnx import helper

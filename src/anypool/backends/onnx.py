@@ -523,6 +523,20 @@ def build_power_mean(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtyp
     return e("Cast", e("Mul", scale, root), to=dtype)
 
 
+def build_avgmax(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
+                 static: Sequence[int | None], combine: bool):
+    """timm's avgmax (``combine``: ``0.5·(avg + max)``, else the plain avg), the window maxima and their
+    int64 argmax, from one cast of ``x``; half types are computed in float32 and rounded once."""
+    compute = _compute_dtype(dtype)
+    y = x if compute == dtype else e("Cast", x, to=compute)
+    avg = build_avg(e, y, output_size, ndim, compute, static)
+    values, indices = build_max(e, y, output_size, ndim, compute, static)
+    first = e("Mul", e("Add", avg, values), e.const(np.asarray(0.5, _NUMPY[compute]))) if combine else avg
+    if compute != dtype:  # rounded once
+        first, values = e("Cast", first, to=dtype), e("Cast", values, to=dtype)
+    return first, values, indices
+
+
 class _ProtoEmitter(_Emitter):
     """Builds a plain ``onnx`` graph (no torch needed): the harness column and graph-level tests."""
 
@@ -577,13 +591,15 @@ def _sample_sizes(e: _Emitter, valid_sizes, output_size):
 
 def standalone_model(op: str, output_size: Sequence[int | None], dtype: str = "float32",
                      input_size: Sequence[int | None] | None = None, opset: int = DEFAULT_OPSET,
-                     valid_sizes: bool = False):
+                     valid_sizes: bool = False, p: float = 3.0, eps: float = 1e-6):
     """The graph the exporters produce, as a self-contained ``onnx.ModelProto`` (no torch needed).
 
-    ``op``: ``"avg"``, ``"max"`` (values) or ``"argmax"`` (values, indices).  Input ``x`` of shape
-    ``(N, C, *input_size)``; ``input_size`` entries ``None`` (default: all) are dynamic.  With
-    ``valid_sizes`` the graph pools a padded batch and takes a second input ``valid_sizes``
-    (int64 ``(N, rank)``); ``output_size`` entries may then be ``None`` (each sample's own length).
+    ``op``: ``"avg"``, ``"max"`` (values), ``"argmax"`` (values, indices), or one of the further
+    reductions ``"lp"`` (``norm_type = p``), ``"gem"`` (``p``, ``eps``), ``"avgmax"`` and
+    ``"catavgmax"`` (``2C`` output channels).  Input ``x`` of shape ``(N, C, *input_size)``;
+    ``input_size`` entries ``None`` (default: all) are dynamic.  With ``valid_sizes`` (avg and max
+    only) the graph pools a padded batch and takes a second input ``valid_sizes`` (int64
+    ``(N, rank)``); ``output_size`` entries may then be ``None`` (each sample's own length).
     """
     from onnx import helper
 
@@ -606,6 +622,12 @@ def standalone_model(op: str, output_size: Sequence[int | None], dtype: str = "f
         outs = [outs] if op == "avg" else list(outs)
     elif op == "avg":
         outs = [build_avg(e, "x", output_size, rank + 2, proto, input_size)]
+    elif op in ("lp", "gem"):
+        outs = [build_power_mean(e, "x", output_size, rank + 2, proto, input_size, float(p), op == "gem",
+                                 float(eps) if op == "gem" else None)]
+    elif op in ("avgmax", "catavgmax"):
+        first, values, _ = build_avgmax(e, "x", output_size, rank + 2, proto, input_size, op == "avgmax")
+        outs = [first if op == "avgmax" else e("Concat", first, values, axis=1)]
     else:
         outs = list(build_max(e, "x", output_size, rank + 2, proto, input_size, op == "argmax"))
     out_names = ["y", "indices"][:2 if op == "argmax" else 1]

@@ -20,12 +20,11 @@ from ..onnx import (
     _AVG,
     _MAX,
     _NAMES,
-    _NUMPY,
-    _compute_dtype,
     _Emitter,
     _output_size,
     build_avg,
     build_avg_valid,
+    build_avgmax,
     build_max,
     build_max_valid,
     build_power_mean,
@@ -154,16 +153,8 @@ def _gem_translation(x, output_size, p, eps):
 def _avgmax_translation(x, output_size, combine):
     """dynamo exporter: ``anypool::adaptive_avgmax_pool`` -> (0.5·(avg + max) or avg, max, int64 argmax)."""
     output_size = _output_size(output_size, "anypool::adaptive_avgmax_pool")
-    e, dtype, ndim = _ScriptEmitter(), int(x.dtype), len(x.shape)
-    compute = _compute_dtype(dtype)
-    static = _static_of(x, len(output_size))
-    y = x if compute == dtype else e("Cast", x, to=compute)
-    avg = build_avg(e, y, output_size, ndim, compute, static)
-    values, indices = build_max(e, y, output_size, ndim, compute, static)
-    first = e("Mul", e("Add", avg, values), e.const(np.asarray(0.5, _NUMPY[compute]))) if combine else avg
-    if compute != dtype:  # rounded once
-        first, values = e("Cast", first, to=dtype), e("Cast", values, to=dtype)
-    return first, values, indices
+    return build_avgmax(_ScriptEmitter(), x, output_size, len(x.shape), int(x.dtype),
+                        _static_of(x, len(output_size)), combine)
 
 
 def translation_table() -> dict[Callable, Callable]:
