@@ -52,6 +52,19 @@ def round_to(values, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(v), out, v)
 
 
+def _special_mismatch(got: np.ndarray, want: np.ndarray) -> str | None:
+    """What differs in shape, NaN positions or infinities between ``got`` and the reference ``want``."""
+    if got.shape != want.shape:
+        return f"shape {got.shape} != {want.shape}"
+    nan = np.isnan(want)
+    if not np.array_equal(np.isnan(got), nan):
+        return "NaN positions differ"
+    infinite = ~np.isfinite(want) & ~nan
+    if not np.array_equal(got[infinite], want[infinite]):
+        return "inf positions differ"
+    return None
+
+
 @dataclass(frozen=True)
 class Accumulated:
     """The exact result of a sum-like reduction and how far a correct implementation may be from it.
@@ -80,14 +93,10 @@ class Accumulated:
     def problem(self, got, dtype: str) -> str | None:
         """``None`` when ``got`` is a correctly rounded result for ``dtype``, else what is wrong."""
         got = np.asarray(got, dtype=np.float64)
-        if got.shape != self.value.shape:
-            return f"shape {got.shape} != {self.value.shape}"
-        nan = np.isnan(self.value)
-        if not np.array_equal(np.isnan(got), nan):
-            return "NaN positions differ"
+        mismatch = _special_mismatch(got, self.value)
+        if mismatch:
+            return mismatch
         finite = np.isfinite(self.value)
-        if not np.array_equal(got[~finite & ~nan], self.value[~finite & ~nan]):
-            return "inf positions differ"
         got, want, bound = got[finite], self.value[finite], self.bound[finite]
         if dtype in ("float16", "bfloat16"):  # rounded once: the rounding of some value in [want ± bound]
             low, high = round_to(want - bound, dtype), round_to(want + bound, dtype)
@@ -126,14 +135,10 @@ class Reduced:
     def problem(self, got, dtype: str) -> str | None:
         """``None`` when ``got`` is within the bound, else what is wrong."""
         got = np.asarray(got, dtype=np.float64)
-        if got.shape != self.value.shape:
-            return f"shape {got.shape} != {self.value.shape}"
-        nan = np.isnan(self.value)
-        if not np.array_equal(np.isnan(got), nan):
-            return "NaN positions differ"
+        mismatch = _special_mismatch(got, self.value)
+        if mismatch:
+            return mismatch
         finite = np.isfinite(self.value)
-        if not np.array_equal(got[~finite & ~nan], self.value[~finite & ~nan]):
-            return "inf positions differ"
         g, w = got[finite], self.value[finite]
         s = np.where(np.isfinite(self.scale), self.scale, 0)[finite]
         accumulate = ROUNDOFF[ACCUMULATOR[dtype]]
