@@ -126,8 +126,17 @@ def test_torch_matches_reference(impl):
 
     cases = [c for c in _harness.random_cases(240, seed=12)  # the C++ module serves no size-0 output
              if 0 not in c.spec.output_size or impl == "portable"]
+    column = _harness.anypool_column(torch_backend)
+
+    def run(case, x, op):
+        got = _harness.reduce(_harness.restride(torch_backend.from_numpy(x, case.dtype), case.storage), case, op,
+                              data_format=case.data_format)
+        assert got.dtype == getattr(torch, case.dtype)
+        return got.double().numpy()
+
     with ops.force_implementation(impl):
-        report = _harness.check(_harness.anypool_column(torch_backend), cases, ops=_harness.REDUCTIONS)
+        report = _harness.check(_harness.Column(impl, run, column.supports, ops=_harness.REDUCTIONS), cases,
+                                ops=_harness.REDUCTIONS)
     _report_clean(report)
     assert report.cases == 4 * len(cases)
 
@@ -548,7 +557,9 @@ def test_jax_matches_reference():
 
     def jitted(case, x, op):  # the same public function, traced under jit
         fn = jax.jit(lambda a: _harness.reduce(a, case, op, data_format=case.data_format))
-        return np.asarray(fn(jax_backend.from_numpy(x, case.dtype))).astype(np.float64)
+        got = fn(jax_backend.from_numpy(x, case.dtype))
+        assert got.dtype.name == case.dtype
+        return np.asarray(got).astype(np.float64)
 
     cases = _harness.random_cases(24, seed=40, dtypes=dtypes)
     _report_clean(_harness.check(_harness.Column("jax jit", jitted, eager.supports, ops=_harness.REDUCTIONS),
