@@ -419,6 +419,19 @@ def test_torch_layers_take_valid_sizes_in_forward():
     torch.testing.assert_close(layers.AdaptiveAvgPool2d(2)(xt), anypool.adaptive_avg_pool2d(xt, 2), equal_nan=True)
 
 
+def test_torch_reduction_layers_take_valid_sizes_in_forward():
+    """LP, GeM and timm's SelectAdaptivePool2d on a padded batch, against the NumPy reference on the same data."""
+    x, valid = _cf_case(13, 2, False)
+    x = np.abs(x) + 0.5  # LP with a non-integer p and GeM: positive inputs
+    xt, v = torch.from_numpy(x), torch.from_numpy(valid)
+    for layer, want in ((layers.AdaptiveLPPool2d(2.5, (3, 2)),
+                         anypool.adaptive_lp_pool2d(x, 2.5, (3, 2), valid_sizes=valid)),
+                        (layers.AdaptiveGeMPool2d(2, p=3.0), anypool.adaptive_gem_pool2d(x, 2, valid_sizes=valid)),
+                        (layers.SelectAdaptivePool2d(1, "catavgmax", flatten=True),
+                         anypool.select_adaptive_pool2d(x, "catavgmax", 1, True, valid_sizes=valid))):
+        np.testing.assert_allclose(layer(xt, valid_sizes=v).detach().numpy(), want, rtol=1e-12, atol=1e-12)
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 
@@ -609,6 +622,7 @@ def test_flax_modules_take_valid_sizes(jnp):
 
     x, valid = _cf_case(800, 2, True)  # Flax: channels_last
     xj = jnp.asarray(x.astype(np.float32))
+    kw_cl = dict(data_format="channels_last", valid_sizes=valid)
     for module, function, kw in ((apf.AdaptiveAvgPool((3, None)), "adaptive_avg_pool", {}),
                                  (apf.AdaptiveMaxPool((2, 4)), "adaptive_max_pool", {}),
                                  (apf.GlobalAvgPool(), "global_avg_pool", {}),
@@ -618,6 +632,12 @@ def test_flax_modules_take_valid_sizes(jnp):
                                           valid_sizes=valid, **kw)
         np.testing.assert_allclose(np.asarray(module(xj, valid_sizes=jnp.asarray(valid))), want, rtol=1e-6,
                                    atol=1e-6)
+    xp = np.abs(x.astype(np.float32)) + 0.5
+    for module, want in ((apf.AdaptiveGeMPool((2, 3)), anypool.adaptive_gem_pool2d(xp, (2, 3), **kw_cl)),
+                         (apf.AdaptiveLPPool(3.0, (2, 2)), anypool.adaptive_lp_pool2d(xp, 3.0, 2, **kw_cl)),
+                         (apf.SelectAdaptivePool2d(2, "avgmax"), anypool.adaptive_avgmax_pool2d(xp, 2, **kw_cl))):
+        np.testing.assert_allclose(np.asarray(module(jnp.asarray(xp), valid_sizes=jnp.asarray(valid))), want,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_plain_torch_onnx_export_after_import():
@@ -635,6 +655,39 @@ def test_plain_torch_onnx_export_after_import():
     got = session.run(None, {names[0]: x.astype(np.float32), names[1]: valid})
     for g, w in zip(got, model(torch.from_numpy(x).float(), torch.from_numpy(valid))):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _PaddedReductions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gem = layers.AdaptiveGeMPool2d((3, 2), p=2.5)
+        self.lp = layers.AdaptiveLPPool2d(2.0, (2, 3))
+        self.head = layers.SelectAdaptivePool2d(2, "catavgmax")
+
+    def forward(self, x, valid):
+        return self.gem(x, valid_sizes=valid), self.lp(x, valid_sizes=valid), self.head(x, valid_sizes=valid)
+
+
+def test_onnx_export_of_padded_reductions_any_batch_and_size():
+    ort = pytest.importorskip("onnxruntime")
+    import anypool.onnx  # noqa: F401  (registers the translations with torch.onnx.export)
+
+    rng = np.random.default_rng(14)
+    model = _PaddedReductions()
+    dims = {0: torch.export.Dim("N", min=2), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    example = (torch.rand(3, 2, 9, 7) + 0.1, torch.tensor([[9, 7], [4, 3], [1, 2]]))
+    program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=(dims, {0: dims[0]}), verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    for shape, valid in (((3, 2, 9, 7), [[9, 7], [4, 3], [1, 2]]), ((2, 2, 12, 5), [[12, 5], [3, 1]])):
+        x, valid = rng.random(shape) + 0.1, np.array(valid)
+        got = session.run(None, {names[0]: x.astype(np.float32), names[1]: valid})
+        x = x.astype(np.float32).astype(np.float64)
+        want = (anypool.adaptive_gem_pool2d(x, (3, 2), p=2.5, valid_sizes=valid),
+                anypool.adaptive_lp_pool2d(x, 2.0, (2, 3), valid_sizes=valid),
+                anypool.select_adaptive_pool2d(x, "catavgmax", 2, valid_sizes=valid))
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-7)
 
 
 def test_cli_explain_valid(capsys):
@@ -731,7 +784,114 @@ def test_reductions_on_numpy_pool_each_crop_alone():
             assert not got[i, :, oh:, :].any() and not got[i, :, :, ow:].any()
 
 
-def test_reductions_with_valid_sizes_elsewhere_name_the_argument():
-    torch = pytest.importorskip("torch")
-    with pytest.raises(TypeError, match=r"adaptive_gem_pool2d\(valid_sizes\).*NumPy input"):
-        anypool.adaptive_gem_pool2d(torch.ones(2, 1, 4, 4), 2, valid_sizes=[[4, 4], [2, 2]])
+def _padded_reduction_cases(n: int, seed: int, **kw):
+    from anypool import _harness
+
+    return [c for c in _harness.random_cases(n, seed=seed, valid=1.0, **kw) if c.valid is not None]
+
+
+def test_reductions_on_torch_pool_each_crop_alone():
+    """The differential harness on padded batches: LP, GeM, avgmax and catavgmax of torch input, each
+    sample against the NumPy reference on its crop alone (every dtype, layout, NaN/inf, size-1 axes)."""
+    from anypool import _harness
+    from anypool.backends import torch as torch_backend
+
+    cases = _padded_reduction_cases(120, seed=71)
+    report = _harness.check(_harness.anypool_column(torch_backend), cases, ops=_harness.REDUCTIONS)
+    assert not report.failures, report.failures[:3]
+    assert report.cases == 4 * len(cases)
+
+
+def test_reductions_on_jax_pool_each_crop_alone():
+    from anypool import _harness
+
+    jax_backend = pytest.importorskip("anypool.backends.jax")
+    cases = _padded_reduction_cases(16, seed=72, dtypes=[d for d in DTYPES if jax_backend.supports_dtype(d)])
+    report = _harness.check(_harness.anypool_column(jax_backend), cases, ops=_harness.REDUCTIONS)
+    assert not report.failures, report.failures[:3]
+    assert report.cases == 4 * len(cases)
+
+
+_SIZES = np.array([[9, 7], [4, 3], [1, 2]])
+
+
+def _padded_plane(seed: int) -> np.ndarray:
+    """``(3, 2, 9, 7)`` float64, positive where ``_SIZES`` is valid, NaN/inf/-inf in the padding."""
+    rng = np.random.default_rng(seed)
+    x = np.abs(rng.standard_normal((3, 2, 9, 7))) + 0.2
+    for i, (h, w) in enumerate(_SIZES):
+        x[i, :, h:, :] = np.nan
+        x[i, :, :h, w:] = rng.choice([np.inf, -np.inf], (2, h, 7 - w))
+    return x
+
+
+def _native_reduction(reduce: str, t, out, p):
+    """torch's own composites (as timm and the GeM papers write them), on one crop."""
+    F = torch.nn.functional
+    if reduce == "gem":
+        return F.adaptive_avg_pool2d(t.clamp(min=1e-6).pow(p), out).pow(1 / p)
+    avg, top = F.adaptive_avg_pool2d(t, out), F.adaptive_max_pool2d(t, out)
+    return 0.5 * (avg + top) if reduce == "avgmax" else torch.cat([avg, top], 1)
+
+
+def _padded_reduction(reduce: str, t, out, p, **kw):
+    if reduce == "gem":
+        return anypool.adaptive_gem_pool2d(t, out, p=p, **kw)
+    if reduce == "lp":
+        return anypool.adaptive_lp_pool2d(t, 3.0, out, **kw)
+    return getattr(anypool, f"adaptive_{reduce}_pool2d")(t, out, **kw)
+
+
+@pytest.mark.parametrize("reduce", ["gem", "avgmax", "catavgmax"])
+def test_reduction_gradients_with_valid_sizes_are_each_crops(reduce):
+    """Gradients of x (and of a learnable p) on a padded batch: each sample's crop gradient through torch's
+    native composite, exactly 0 on the padding, which holds NaN and ±inf."""
+    x0, out = _padded_plane(9), (3, 2)
+    channels = 4 if reduce == "catavgmax" else 2
+    weights = torch.from_numpy(np.random.default_rng(10).standard_normal((3, channels, 3, 2)))
+    x = torch.from_numpy(x0).requires_grad_()
+    p = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    (_padded_reduction(reduce, x, out, p, valid_sizes=_SIZES) * weights).sum().backward()
+    want_p = 0.0
+    for i, (h, w) in enumerate(_SIZES):
+        crop = torch.from_numpy(x0[i:i + 1, :, :h, :w].copy()).requires_grad_()
+        q = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+        (_native_reduction(reduce, crop, out, q) * weights[i:i + 1]).sum().backward()
+        torch.testing.assert_close(x.grad[i:i + 1, :, :h, :w], crop.grad)
+        assert not x.grad[i, :, h:, :].any() and not x.grad[i, :, :, w:].any()
+        want_p += q.grad.item() if reduce == "gem" else 0.0
+    if reduce == "gem":
+        assert p.grad.item() == pytest.approx(want_p, rel=1e-10)
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_power_means_with_valid_sizes_gradcheck(data_format):
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(np.abs(rng.standard_normal((3, 2, 6, 5))) + 0.3)
+    sizes = np.array([[6, 5], [3, 4], [1, 2]])
+    if data_format == "channels_last":
+        x = x.movedim(1, -1).contiguous()
+    x = x.requires_grad_()
+    p = torch.tensor(2.6, dtype=torch.float64, requires_grad=True)
+    kw = dict(valid_sizes=sizes, data_format=data_format)
+    assert torch.autograd.gradcheck(lambda a, q: anypool.adaptive_gem_pool(a, (4, 3), p=q, eps=1e-3, **kw), (x, p))
+    assert torch.autograd.gradcheck(lambda a: anypool.adaptive_lp_pool(a, 3.0, (2, None), **kw), (x,))
+
+
+def test_jax_reduction_gradients_with_valid_sizes_match_torch():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x0, out = _padded_plane(12), (3, 2)
+    weights = np.random.default_rng(13).standard_normal((3, 2, 3, 2))
+    reductions = ("lp", "gem", "avgmax", "catavgmax")
+
+    def loss(a, q):
+        return sum(jnp.sum(_padded_reduction(r, a, out, q, valid_sizes=_SIZES)[:, :2] * weights) for r in reductions)
+
+    gx, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x0, jnp.float32), jnp.float32(2.5))
+    t = torch.from_numpy(x0).requires_grad_()
+    q = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    w = torch.from_numpy(weights)
+    sum((_padded_reduction(r, t, out, q, valid_sizes=_SIZES)[:, :2] * w).sum() for r in reductions).backward()
+    np.testing.assert_allclose(np.asarray(gx), t.grad.numpy(), rtol=1e-4, atol=1e-5)  # 0, not NaN, on the padding
+    np.testing.assert_allclose(float(gp), q.grad.item(), rtol=1e-4)

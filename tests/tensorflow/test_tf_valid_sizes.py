@@ -111,3 +111,9 @@ def test_harness_padded_batches():
 
     report = _harness.check(_harness.anypool_column(backend), _harness.random_cases(150, seed=35, valid=1.0))
     assert not report.failures, "\n".join(report.failures[:10])
+
+
+def test_reductions_with_valid_sizes_name_the_argument():
+    """The further reductions take valid_sizes on NumPy, torch and JAX input; a TensorFlow input is told so."""
+    with pytest.raises(TypeError, match=r"adaptive_gem_pool2d\(valid_sizes\).*NumPy, PyTorch or JAX input"):
+        anypool.adaptive_gem_pool2d(tf.ones((2, 1, 4, 4)), 2, valid_sizes=[[4, 4], [2, 2]])

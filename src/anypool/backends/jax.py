@@ -476,6 +476,7 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, 
 # and its gradient is exactly 0 (autodiff of a gather).  Outputs ``j >= O_i`` are 0.
 
 VALID_SIZES = True
+VALID_REDUCTIONS = True  # lp, gem, avgmax and catavgmax take valid_sizes too
 
 
 def known_values(valid_sizes) -> np.ndarray | None:
@@ -569,47 +570,83 @@ def _product_windows(v, spec: PoolSpec):
     return v, mask, tuple(a + 1 for a, _ in valid)
 
 
-def _power_mean(x, spec: PoolSpec, p, mean: bool, floor):
+def _sample_product_windows(v, spec: PoolSpec, valid_sizes, keep):
+    """:func:`_product_windows` for a padded batch: sample ``n`` reads its own windows.
+
+    Also the output presence ``(N, 1.., O_d, 1, ..)`` (``False`` beyond a sample's output length)."""
+    outs = _sample_outputs(valid_sizes, spec, keep)
+    picked = []
+    for d, (axis, length, out) in enumerate(_axes(spec)):
+        index, valid, _, here = _sample_windows(valid_sizes[:, d], outs[:, d], out, length)
+        v = _gather_rows(v, axis + d, index)
+        picked.append((axis + d, valid, here))
+    mask, present = None, None
+    for a, valid, here in picked:
+        m, h = _at(valid, a, v.ndim), _at(here, a, v.ndim)
+        mask = m if mask is None else mask & m
+        present = h if present is None else present & h
+    return v, mask, tuple(a + 1 for a, _, _ in picked), present
+
+
+def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, valid_sizes=None, keep=None):
     if 0 in spec.output_size:
         return jnp.zeros(spec.output_shape, x.dtype)
     acc = _acc_dtype(x.dtype)
-    w, mask, k = _product_windows(x.astype(acc), spec)
+    if valid_sizes is None:
+        w, mask, k = _product_windows(x.astype(acc), spec)
+        present = None
+    else:
+        w, mask, k, present = _sample_product_windows(x.astype(acc), spec, valid_sizes, keep)
     t = w if floor is None else jnp.maximum(w, jnp.asarray(floor, acc))  # NaN stays NaN
     m = jnp.where(mask, jnp.abs(t), 0)
     for a in sorted(k, reverse=True):  # not jnp.max: see _max_over
         m = _max_over(m, a)
     m = lax.stop_gradient(jnp.expand_dims(m, k))
     scale = jnp.where(jnp.isfinite(m) & (m > 0), m, 1)
-    keep = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count
+    kept = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count
     p = jnp.asarray(p, acc)
-    terms = jnp.where(keep, (t / scale) ** p, 0)
+    # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
+    terms = jnp.where(kept, jnp.where(kept, t / scale, 1) ** p, 0)
     total = terms.sum(k, keepdims=True)
     if mean:
-        total = total / jnp.asarray(mask.sum(k, keepdims=True), acc)  # every spatial axis is gathered: (O, K) masks
+        total = total / mask.sum(k, keepdims=True).astype(acc)  # every spatial axis is gathered: (O, K) masks
     zero = total == 0  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
     root = jnp.where(zero, 0, jnp.where(zero, 1, total) ** (1 / p))
-    return (scale * root).squeeze(k).astype(x.dtype)
+    y = (scale * root).squeeze(k)
+    if present is not None:
+        y = jnp.where(present.squeeze(k), y, 0)
+    return y.astype(x.dtype)
 
 
-def lp_pool(x, spec: PoolSpec, norm_type: float):
+# one compiled program per call signature, as _avg_valid
+_power_mean_valid = jax.jit(_power_mean, static_argnums=(1, 3, 4, 6))
+
+
+def lp_pool(x, spec: PoolSpec, norm_type: float, valid_sizes=None, keep=None):
     """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions), accumulated in f32/f64."""
+    if valid_sizes is not None:
+        return _power_mean_valid(x, spec, float(norm_type), False, None, valid_sizes, keep)
     return _power_mean(x, spec, float(norm_type), False, None)
 
 
-def gem_pool(x, spec: PoolSpec, p, eps: float):
+def gem_pool(x, spec: PoolSpec, p, eps: float, valid_sizes=None, keep=None):
     """``(mean_window max(x, eps)^p)^(1/p)``; a JAX-array ``p`` is differentiable."""
+    if valid_sizes is not None:
+        return _power_mean_valid(x, spec, p, True, float(eps), valid_sizes, keep)
     return _power_mean(x, spec, p, True, float(eps))
 
 
-def avgmax_pool(x, spec: PoolSpec):
+def avgmax_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """``0.5·(avg + max)`` of each window, rounded once (half types via float32)."""
     acc = _acc_dtype(x.dtype)
-    return (0.5 * (avg_pool(x.astype(acc), spec) + max_pool(x, spec).astype(acc))).astype(x.dtype)
+    avg, top = avg_pool(x.astype(acc), spec, valid_sizes, keep), max_pool(x, spec, False, valid_sizes, keep)
+    return (0.5 * (avg + top.astype(acc))).astype(x.dtype)
 
 
-def catavgmax_pool(x, spec: PoolSpec):
+def catavgmax_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """The averages, then the maxima, along the channel axis (``2C`` channels)."""
-    return jnp.concatenate([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+    return jnp.concatenate([avg_pool(x, spec, valid_sizes, keep), max_pool(x, spec, False, valid_sizes, keep)],
+                           axis=spec.channel_axis)
 
 
 def flatten(x):

@@ -112,8 +112,9 @@ class AdaptiveLPPool(_Adaptive):
         super().__init__(output_size, spatial_dims=spatial_dims, data_format=data_format)
         self.norm_type = float(norm_type)
 
-    def __call__(self, x):
-        return anypool.adaptive_lp_pool(x, self.norm_type, self._size(), data_format=self.data_format)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.adaptive_lp_pool(x, self.norm_type, self._size(), data_format=self.data_format,
+                                        valid_sizes=valid_sizes)
 
 
 class AdaptiveGeMPool(_Adaptive):
@@ -133,25 +134,27 @@ class AdaptiveGeMPool(_Adaptive):
         super().__init__(output_size, spatial_dims=spatial_dims, data_format=data_format)
         self.p = nnx.Param(jnp.asarray(float(p), jnp.float32)) if p_trainable else float(p)
 
-    def __call__(self, x):
+    def __call__(self, x, valid_sizes=None):
         p = self.p[...] if isinstance(self.p, nnx.Param) else self.p
-        return anypool.adaptive_gem_pool(x, self._size(), p=p, eps=self.eps, data_format=self.data_format)
+        return anypool.adaptive_gem_pool(x, self._size(), p=p, eps=self.eps, data_format=self.data_format,
+                                         valid_sizes=valid_sizes)
 
 
 class AdaptiveAvgMaxPool(_Adaptive):
     """timm's avgmax: ``0.5·(avg + max)`` of each window (:func:`anypool.adaptive_avgmax_pool`);
     shapes as :class:`AdaptiveAvgPool`."""
 
-    def __call__(self, x):
-        return anypool.adaptive_avgmax_pool(x, self._size(), data_format=self.data_format)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.adaptive_avgmax_pool(x, self._size(), data_format=self.data_format, valid_sizes=valid_sizes)
 
 
 class AdaptiveCatAvgMaxPool(_Adaptive):
     """timm's catavgmax: the window averages, then the maxima, along the channel axis
     (:func:`anypool.adaptive_catavgmax_pool`): ``(N, *S, C) → (N, *output_size, 2C)``."""
 
-    def __call__(self, x):
-        return anypool.adaptive_catavgmax_pool(x, self._size(), data_format=self.data_format)
+    def __call__(self, x, valid_sizes=None):
+        return anypool.adaptive_catavgmax_pool(x, self._size(), data_format=self.data_format,
+                                               valid_sizes=valid_sizes)
 
 
 class SelectAdaptivePool2d(nnx.Module):
@@ -175,9 +178,9 @@ class SelectAdaptivePool2d(nnx.Module):
         self.flatten = bool(flatten)
         self.data_format = data_format
 
-    def __call__(self, x):
+    def __call__(self, x, valid_sizes=None):
         return anypool.select_adaptive_pool2d(x, self.pool_type, self.output_size, self.flatten,
-                                              data_format=self.data_format)
+                                              data_format=self.data_format, valid_sizes=valid_sizes)
 
     def is_identity(self) -> bool:
         return not self.pool_type

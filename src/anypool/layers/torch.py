@@ -141,8 +141,9 @@ class _AdaptiveLPPool(nn.Module):
         self.norm_type = float(norm_type)
         self.output_size = output_size
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return getattr(anypool, f"adaptive_lp_pool{self._rank}d")(input, self.norm_type, self.output_size)
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
+        return getattr(anypool, f"adaptive_lp_pool{self._rank}d")(input, self.norm_type, self.output_size,
+                                                                 valid_sizes=valid_sizes)
 
     def extra_repr(self) -> str:
         return f"norm_type={self.norm_type}, output_size={self.output_size}"
@@ -178,8 +179,9 @@ class _AdaptiveGeMPool(nn.Module):
         self.eps = anypool._args.positive_eps(eps, f"{name}(eps)")
         self.p = nn.Parameter(torch.tensor(float(p))) if p_trainable else float(p)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return getattr(anypool, f"adaptive_gem_pool{self._rank}d")(input, self.output_size, p=self.p, eps=self.eps)
+    def forward(self, input: torch.Tensor, valid_sizes=None) -> torch.Tensor:
+        return getattr(anypool, f"adaptive_gem_pool{self._rank}d")(input, self.output_size, p=self.p, eps=self.eps,
+                                                                  valid_sizes=valid_sizes)
 
     def extra_repr(self) -> str:
         p = f"{float(self.p.detach()):.4g} (trainable)" if isinstance(self.p, nn.Parameter) else f"{self.p}"
@@ -229,9 +231,9 @@ class SelectAdaptivePool2d(nn.Module):
         self.output_size = output_size
         self.flatten = bool(flatten)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid_sizes=None) -> torch.Tensor:
         return anypool.select_adaptive_pool2d(x, self.pool_type, self.output_size, self.flatten,
-                                              data_format=self.data_format)
+                                              data_format=self.data_format, valid_sizes=valid_sizes)
 
     def is_identity(self) -> bool:
         return not self.pool_type

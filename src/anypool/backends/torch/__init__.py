@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from ..._args import PoolSpec, require_supported
-from . import ops
+from . import ops, portable
 
 name = "torch"
 VALID_SIZES = True  # pools padded batches (``valid_sizes``)
+VALID_REDUCTIONS = True  # ... with lp, gem, avgmax and catavgmax too
 
 _UNSUPPORTED = (torch.bool, torch.complex32, torch.complex64, torch.complex128)
 
@@ -115,26 +116,40 @@ def max_pool(x: torch.Tensor, spec: PoolSpec, return_indices: bool = False, vali
 # --- more reductions ----------------------------------------------------------------------------
 
 
-def lp_pool(x: torch.Tensor, spec: PoolSpec, norm_type: float) -> torch.Tensor:
+def lp_pool(x: torch.Tensor, spec: PoolSpec, norm_type: float, valid_sizes=None, keep=None) -> torch.Tensor:
     """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions)."""
     v, out = _logical(x, spec)
+    if valid_sizes is not None:
+        return _back(portable.power_mean_valid(v, out, _sizes(valid_sizes, out, keep), float(norm_type), False,
+                                               None), spec)
     return _back(ops.lp_pool(v, out, float(norm_type)), spec)
 
 
-def gem_pool(x: torch.Tensor, spec: PoolSpec, p, eps: float) -> torch.Tensor:
+def gem_pool(x: torch.Tensor, spec: PoolSpec, p, eps: float, valid_sizes=None, keep=None) -> torch.Tensor:
     """``(mean_window max(x, eps)^p)^(1/p)``; a tensor ``p`` gets a gradient."""
     v, out = _logical(x, spec)
+    if valid_sizes is not None:
+        exponent = p.reshape(()) if isinstance(p, torch.Tensor) else float(p)
+        return _back(portable.power_mean_valid(v, out, _sizes(valid_sizes, out, keep), exponent, True,
+                                               float(eps)), spec)
     return _back(ops.gem_pool(v, out, p, float(eps)), spec)
 
 
-def avgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
-    """``0.5·(avg + max)`` of each window, from one pass, rounded once."""
+def avgmax_pool(x: torch.Tensor, spec: PoolSpec, valid_sizes=None, keep=None) -> torch.Tensor:
+    """``0.5·(avg + max)`` of each window, from one pass, rounded once (a padded batch: two pools)."""
+    if valid_sizes is not None:
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean = avg_pool(x.to(acc), spec, valid_sizes, keep)  # not yet rounded to a half type
+        return (0.5 * (mean + max_pool(x, spec, False, valid_sizes, keep).to(acc))).to(x.dtype)
     v, out = _logical(x, spec)
     return _back(ops.avgmax_pool(v, out, True)[0], spec)
 
 
-def catavgmax_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
-    """Averages then maxima along the channel axis (``2C`` channels), from one pass."""
+def catavgmax_pool(x: torch.Tensor, spec: PoolSpec, valid_sizes=None, keep=None) -> torch.Tensor:
+    """Averages then maxima along the channel axis (``2C`` channels), from one pass (a padded batch: two pools)."""
+    if valid_sizes is not None:
+        return torch.cat([avg_pool(x, spec, valid_sizes, keep), max_pool(x, spec, False, valid_sizes, keep)],
+                         spec.channel_axis)
     v, out = _logical(x, spec)
     avg, values, _ = ops.avgmax_pool(v, out, False)
     return _back(torch.cat([avg, values], 1), spec)

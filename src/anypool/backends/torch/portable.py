@@ -524,6 +524,42 @@ def _power_backward(grad_out, x, p, mean: bool, floor: float | None, p_grad: boo
     return gin, gp
 
 
+def power_mean_valid(x: torch.Tensor, output_size, sizes: torch.Tensor, p, mean: bool,
+                     floor: float | None) -> torch.Tensor:
+    """The power mean of a padded batch ``(N, C, *S)`` (``sizes`` as ``avg_forward``'s), in plain
+    differentiable torch ops: each sample's own product windows (``_sample_windows``), reduced as
+    :func:`_power_parts` does; autograd takes the gradient (for a tensor ``p`` too)."""
+    if 0 in output_size:
+        return _empty(x, output_size)
+    rank = len(output_size)
+    lengths_in, lengths_out = _split(sizes.to(x.device), rank)
+    w, picked = x.to(_acc_dtype(x.dtype)), []
+    for d, out in enumerate(output_size):
+        axis = 2 + 2 * d
+        index, valid, _, here = _sample_windows(lengths_in[:, d], lengths_out[:, d], out, x.shape[2 + d], x.device)
+        w = _gather_rows(w, axis, index)
+        picked.append((axis, valid, here))
+    mask = present = None
+    for axis, valid, here in picked:
+        m, h = _at(valid, axis, w.dim()), _at(here, axis, w.dim())
+        mask = m if mask is None else mask & m
+        present = h if present is None else present & h
+    k = tuple(axis + 1 for axis, _, _ in picked)
+    t = w if floor is None else w.clamp(min=floor)
+    p = p.to(w.dtype) if isinstance(p, torch.Tensor) else p  # 1 / p in the accumulation type
+    m = torch.where(mask, t.abs(), 0).amax(k, keepdim=True).detach()  # the mean is homogeneous in the scale
+    scale = torch.where(torch.isfinite(m) & (m > 0), m, 1)
+    keep = mask & (~torch.isinf(m) | torch.isinf(t))  # m = inf: only the infinite terms count
+    # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
+    terms = torch.where(keep, torch.where(keep, t / scale, 1).pow(p), 0)
+    total = terms.sum(k, keepdim=True)
+    if mean:
+        total = total / mask.sum(k, keepdim=True)
+    zero = total == 0  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
+    root = torch.where(zero, 0, torch.where(zero, 1, total).pow(1 / p))
+    return torch.where(present, scale * root, 0).squeeze(k).to(x.dtype)
+
+
 def lp_forward(x: torch.Tensor, output_size, norm_type: float) -> torch.Tensor:
     return _power_forward(x, output_size, float(norm_type), False, None)
 
