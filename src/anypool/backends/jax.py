@@ -132,10 +132,26 @@ def _blocks(x, axis: int, length: int, k: int):
 # ---------------------------------------------------------------- average
 
 
+# A divisible axis with windows up to this long sums its k strided slices (x[r::k], one fused
+# elementwise loop) instead of reshaping to (O, k) and reducing: XLA:CPU's reduction over a
+# middle axis measured 1.3-7x slower (e.g. (32,512,14,14)→7 2.8 → 0.4 ms) on jax 0.10.2.
+_STRIDED_SUM_MAX = 64
+
+
+def _strided_sum(x, axis: int, length: int, k: int):
+    """``Σ_r x[r::k]`` along ``axis``: the sums of the ``L / k`` consecutive windows of width ``k``."""
+    total = lax.slice_in_dim(x, 0, length, stride=k, axis=axis)
+    for r in range(1, k):
+        total = total + lax.slice_in_dim(x, r, length, stride=k, axis=axis)
+    return total
+
+
 def _avg_axis(x, axis: int, length: int, out: int):
     if out == length:
         return x
     fixed = _bins.fixed_pool(length, out)
+    if fixed and fixed[0] <= _STRIDED_SUM_MAX:
+        return _strided_sum(x, axis, length, fixed[0]) / fixed[0]
     if fixed:
         k = fixed[0]
         return jnp.mean(x.reshape(x.shape[:axis] + (out, k) + x.shape[axis + 1:]), axis=axis + 1)
