@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import anypool
-from anypool import _args, _bins
+from anypool import _args, _bins, _harness
 from anypool._harness import ROUNDOFF
 from anypool.backends import numpy as ref
 
@@ -707,8 +707,6 @@ def test_cli_explain_valid(capsys):
 
 
 def _harness_clean(column, cases):
-    from anypool import _harness
-
     report = _harness.check(column, cases)
     assert not report.failures, "\n".join(report.failures[:10])
     return report
@@ -719,7 +717,6 @@ def test_harness_padded_batches(impl):
     """Random padded batches (every dtype, layout, storage, NaN/inf) against the crops pooled by the reference."""
     import importlib
 
-    from anypool import _harness
 
     backend = importlib.import_module(f"anypool.backends.{'numpy' if impl == 'numpy' else 'torch'}")
     cases = _harness.random_cases(300, seed=31, valid=1.0)
@@ -731,15 +728,12 @@ def test_harness_padded_batches(impl):
 
 def test_harness_padded_batches_torch_native_loop():
     """The users' workaround (native calls on each crop) agrees with the reference on the same cases."""
-    from anypool import _harness
 
     _harness_clean(_harness.torch_native_column(), _harness.random_cases(200, seed=32, valid=1.0))
 
 
 @pytest.mark.parametrize("column", ["jax", "onnxruntime"])
 def test_harness_padded_batches_other_columns(column):
-    from anypool import _harness
-
     cases = _harness.random_cases(40, seed=33, valid=1.0)
     if column == "jax":
         pytest.importorskip("jax")
@@ -755,7 +749,6 @@ def test_harness_rejects_plain_pooling_of_padded_batches():
     """The harness can fail: pooling the padded tensor as if every sample were full-size is caught."""
     from dataclasses import replace
 
-    from anypool import _harness
 
     column = _harness.anypool_column(ref)
     plain = _harness.Column("ignores valid_sizes", lambda case, x, op: column.run(replace(case, valid=None), x, op))
@@ -785,15 +778,12 @@ def test_reductions_on_numpy_pool_each_crop_alone():
 
 
 def _padded_reduction_cases(n: int, seed: int, **kw):
-    from anypool import _harness
-
     return [c for c in _harness.random_cases(n, seed=seed, valid=1.0, **kw) if c.valid is not None]
 
 
 def test_reductions_on_torch_pool_each_crop_alone():
     """The differential harness on padded batches: LP, GeM, avgmax and catavgmax of torch input, each
     sample against the NumPy reference on its crop alone (every dtype, layout, NaN/inf, size-1 axes)."""
-    from anypool import _harness
     from anypool.backends import torch as torch_backend
 
     cases = _padded_reduction_cases(120, seed=71)
@@ -803,8 +793,6 @@ def test_reductions_on_torch_pool_each_crop_alone():
 
 
 def test_reductions_on_jax_pool_each_crop_alone():
-    from anypool import _harness
-
     jax_backend = pytest.importorskip("anypool.backends.jax")
     cases = _padded_reduction_cases(16, seed=72, dtypes=[d for d in DTYPES if jax_backend.supports_dtype(d)])
     report = _harness.check(_harness.anypool_column(jax_backend), cases, ops=_harness.REDUCTIONS)
