@@ -295,7 +295,7 @@ def valid_sizes_unsupported(backend: str, function: str) -> TypeError:
 
 def valid_reductions_unsupported(backend: str, function: str) -> TypeError:
     return _fail(TypeError, f"{function}(valid_sizes)", _Described(f"valid sizes for a {backend} input"),
-                 "a NumPy input (the other backends pool padded batches with avg and max only)")
+                 "a NumPy, PyTorch or JAX input (the other backends pool padded batches with avg and max only)")
 
 
 def check_prefix_mask(mask, argument: str) -> None:
