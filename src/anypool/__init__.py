@@ -176,7 +176,7 @@ def _reduction(x, output_size, rank, data_format, function, reduce, batched=None
     run = getattr(backend, f"{reduce}_pool", None)
     if run is None:
         raise _args.unsupported_reduction(function, backend.name)
-    if valid_sizes is not None and reduce != "avg" and not getattr(backend, "VALID_REDUCTIONS", False):
+    if valid_sizes is not None and not getattr(backend, "VALID_REDUCTIONS", False):
         raise _args.valid_reductions_unsupported(backend.name, function)
     valid = {} if valid_sizes is None else _valid(backend, x, valid_sizes, spec, output_size, function)
     return run(x, spec, **params, **valid)
@@ -323,7 +323,7 @@ def select_adaptive_pool2d(x, pool_type: str = "avg", output_size: OutputSize = 
         if kind.startswith("fast"):
             _args.fast_output_size(output_size, kind, function)
             kind = kind.removeprefix("fast") or "avg"
-        x = _reduction(x, output_size, 2, data_format, function, kind, batched=True, valid_sizes=valid_sizes) \
-            if kind != "max" else \
-            _pool(x, output_size, 2, data_format, function, "max", batched=True, valid_sizes=valid_sizes)[0]
+        x = _pool(x, output_size, 2, data_format, function, kind, batched=True, valid_sizes=valid_sizes)[0] \
+            if kind in ("avg", "max") else \
+            _reduction(x, output_size, 2, data_format, function, kind, batched=True, valid_sizes=valid_sizes)
     return backend.flatten(x) if flatten else x

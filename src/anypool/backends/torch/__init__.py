@@ -138,7 +138,7 @@ def gem_pool(x: torch.Tensor, spec: PoolSpec, p, eps: float, valid_sizes=None, k
 def avgmax_pool(x: torch.Tensor, spec: PoolSpec, valid_sizes=None, keep=None) -> torch.Tensor:
     """``0.5·(avg + max)`` of each window, from one pass, rounded once (a padded batch: two pools)."""
     if valid_sizes is not None:
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        acc = portable._acc_dtype(x.dtype)
         mean = avg_pool(x.to(acc), spec, valid_sizes, keep)  # not yet rounded to a half type
         return (0.5 * (mean + max_pool(x, spec, False, valid_sizes, keep).to(acc))).to(x.dtype)
     v, out = _logical(x, spec)
