@@ -176,8 +176,6 @@ def _reduction(x, output_size, rank, data_format, function, reduce, batched=None
     run = getattr(backend, f"{reduce}_pool", None)
     if run is None:
         raise _args.unsupported_reduction(function, backend.name)
-    if valid_sizes is not None and not getattr(backend, "VALID_REDUCTIONS", False):
-        raise _args.valid_reductions_unsupported(backend.name, function)
     valid = {} if valid_sizes is None else _valid(backend, x, valid_sizes, spec, output_size, function)
     return run(x, spec, **params, **valid)
 

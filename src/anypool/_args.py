@@ -293,11 +293,6 @@ def valid_sizes_unsupported(backend: str, function: str) -> TypeError:
                  "an input of a backend that pools padded batches (NumPy, PyTorch, JAX or TensorFlow)")
 
 
-def valid_reductions_unsupported(backend: str, function: str) -> TypeError:
-    return _fail(TypeError, f"{function}(valid_sizes)", _Described(f"valid sizes for a {backend} input"),
-                 "a NumPy, PyTorch or JAX input (the other backends pool padded batches with avg and max only)")
-
-
 def check_prefix_mask(mask, argument: str) -> None:
     """A mask ``(N, L)`` whose ``True`` entries are a prefix of every row (padding at the end)."""
     import numpy as np

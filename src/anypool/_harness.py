@@ -566,9 +566,7 @@ def anypool_column(backend) -> Column:
     def supports(case: Case, op: str) -> bool:
         # a backend may lack a dtype in this process (JAX has no float64 unless jax_enable_x64 is on)
         available = getattr(backend, "supports_dtype", lambda dtype: True)(case.dtype)
-        # the further reductions take valid_sizes where the backend says so (_args.valid_reductions_unsupported)
-        padded = op in REDUCTIONS and case.valid is not None and not getattr(backend, "VALID_REDUCTIONS", False)
-        return available and not padded and (backend.name != "numpy" or case.dtype != "bfloat16")
+        return available and (backend.name != "numpy" or case.dtype != "bfloat16")
 
     return Column(f"anypool[{backend.name}]", run, supports, ops=OPS + REDUCTIONS)
 

@@ -1,5 +1,6 @@
-"""Keras layers with ``valid_sizes`` (a call argument) and, for the 1-D layers, a Keras mask, on the current
-Keras backend (``KERAS_BACKEND``); against anypool's NumPy reference with the same sizes."""
+"""Keras layers (avg, max and the further reductions) with ``valid_sizes`` (a call argument) and, for the 1-D
+layers, a Keras mask, on the current Keras backend (``KERAS_BACKEND``); against anypool's NumPy reference with the
+same sizes."""
 
 import numpy as np
 import pytest
@@ -38,15 +39,17 @@ def test_valid_sizes_call_argument(rank):
 def test_1d_layers_honour_a_prefix_mask():
     tokens = np.array([[4, 2, 7, 1, 3], [5, 9, 0, 0, 0], [6, 0, 0, 0, 0]])
     embed = keras.layers.Embedding(10, 4, mask_zero=True)
-    for reduce in ("avg", "max"):
-        pool = layers.LAYERS[reduce, 1](2, data_format="channels_last")
+    for reduce in ("avg", "max", "avgmax", "lp"):
+        pool = (layers.LAYERS[reduce, 1](2, data_format="channels_last") if reduce in ("avg", "max") else
+                layers.AdaptiveLPPooling1D(2.0, 2, data_format="channels_last") if reduce == "lp" else
+                layers.AdaptiveAvgMaxPooling1D(2, data_format="channels_last"))
         inputs = keras.Input((None,), dtype="int32")
         model = keras.Model(inputs, pool(embed(inputs)))
         got = keras.ops.convert_to_numpy(model(tokens))
         e = keras.ops.convert_to_numpy(embed(tokens))
-        function = anypool.adaptive_avg_pool1d if reduce == "avg" else anypool.adaptive_max_pool1d
-        want = function(e, 2, data_format="channels_last", valid_sizes=[5, 2, 1])
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        args = (e, 2.0, 2) if reduce == "lp" else (e, 2)
+        want = getattr(anypool, f"adaptive_{reduce}_pool1d")(*args, data_format="channels_last", valid_sizes=[5, 2, 1])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=reduce)
 
 
 def test_a_mask_that_is_not_a_prefix_raises():
@@ -59,9 +62,10 @@ def test_a_mask_that_is_not_a_prefix_raises():
 
 
 def test_harness_padded_batches():
-    """The layers on the shared harness's random padded batches, against the crops pooled alone."""
+    """The layers (avg, max and the further reductions) on the shared harness's random padded batches,
+    against the crops pooled alone."""
     from anypool import _harness
 
     column, = layers.harness_columns()
-    report = _harness.check(column, _harness.random_cases(40, seed=36, valid=1.0, unbatched=False), ops=("avg", "max"))
+    report = _harness.check(column, _harness.random_cases(40, seed=36, valid=1.0, unbatched=False), ops=column.ops)
     assert not report.failures, "\n".join(report.failures[:10])

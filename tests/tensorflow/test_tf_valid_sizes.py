@@ -105,15 +105,73 @@ def test_gradients_match_reference_and_vanish_on_padding(seed):
 
 
 def test_harness_padded_batches():
-    """The shared harness's random padded batches (every dtype, layout, NaN/inf) against the crops pooled alone."""
+    """The shared harness's random padded batches (every dtype, layout, NaN/inf; avg, max and the further
+    reductions) against the crops pooled alone."""
     from anypool import _harness
     from anypool.backends import tensorflow as backend
 
-    report = _harness.check(_harness.anypool_column(backend), _harness.random_cases(150, seed=35, valid=1.0))
+    report = _harness.check(_harness.anypool_column(backend), _harness.random_cases(150, seed=35, valid=1.0),
+                            ops=_harness.OPS + _harness.REDUCTIONS)
     assert not report.failures, "\n".join(report.failures[:10])
 
 
-def test_reductions_with_valid_sizes_name_the_argument():
-    """The further reductions take valid_sizes on NumPy, torch and JAX input; a TensorFlow input is told so."""
-    with pytest.raises(TypeError, match=r"adaptive_gem_pool2d\(valid_sizes\).*NumPy, PyTorch or JAX input"):
-        anypool.adaptive_gem_pool2d(tf.ones((2, 1, 4, 4)), 2, valid_sizes=[[4, 4], [2, 2]])
+REDUCTIONS = {"lp": lambda x, out, **kw: anypool.adaptive_lp_pool(x, 2.5, out, **kw),
+              "gem": lambda x, out, p=3.0, **kw: anypool.adaptive_gem_pool(x, out, p=p, eps=0.5, **kw),
+              "avgmax": anypool.adaptive_avgmax_pool, "catavgmax": anypool.adaptive_catavgmax_pool}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reduction_gradients_are_those_of_the_crops(seed):
+    """The gradient (of x, and of GeM's variable p) of a padded batch is the sum of each crop's, taken
+    through the static-size graph; the padding (NaN, ±inf, huge) gets exactly 0."""
+    x, valid, out, cl = _case(80 + seed)
+    x = np.abs(x)  # LP with a non-integer p is defined on x ≥ 0
+    fmt = "channels_last" if cl else "channels_first"
+    padding = ~np.isfinite(x) | (x > 1e4)
+    rng = np.random.default_rng(seed)
+    for name, reduce in REDUCTIONS.items():
+        p = tf.Variable(3.0, dtype=tf.float64)
+        kw = {"p": p} if name == "gem" else {}
+        xt = tf.constant(x)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(xt)
+            y = reduce(xt, out, data_format=fmt, valid_sizes=valid, **kw)
+            g = tf.constant(rng.standard_normal(y.shape))
+            loss = tf.reduce_sum(y * g)
+        grad, grad_p = tape.gradient(loss, xt).numpy(), tape.gradient(loss, p)
+        want, want_p = np.zeros_like(x), 0.0
+        for i, size in enumerate(valid):
+            crop = (slice(None),) * (0 if cl else 1) + tuple(slice(0, int(s)) for s in size)
+            sample = tf.constant(x[i][crop][None])
+            sample_out = tuple(int(s) if o is None else o for o, s in zip(out, size))
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(sample)
+                y_i = reduce(sample, sample_out, data_format=fmt, **kw)
+                g_i = g[i][tuple(slice(0, o) for o in ((y_i.shape[1],) if not cl else ()) + sample_out)]
+                loss = tf.reduce_sum(y_i[0] * g_i)
+            want[i][crop] = tape.gradient(loss, sample).numpy()[0]
+            if name == "gem":
+                want_p += float(tape.gradient(loss, p))
+        np.testing.assert_allclose(grad, want, rtol=1e-11, atol=1e-11, err_msg=name)
+        assert (grad[padding] == 0).all(), name
+        if name == "gem":
+            np.testing.assert_allclose(float(grad_p), want_p, rtol=1e-11, atol=1e-11)
+
+
+def test_reductions_in_tf_function_unknown_sizes_one_trace():
+    traces = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 2], tf.float32),
+                                  tf.TensorSpec([None, 2], tf.int64)])
+    def f(x, v):
+        traces.append(1)
+        return {name: reduce(x, (3, None), data_format="channels_last", valid_sizes=v)
+                for name, reduce in REDUCTIONS.items()}
+
+    rng = np.random.default_rng(1)
+    for shape, valid in (((3, 7, 6, 2), [[7, 6], [1, 1], [4, 5]]), ((2, 4, 9, 2), [[2, 9], [4, 3]])):
+        x, v = np.abs(rng.standard_normal(shape)).astype(np.float32), np.array(valid)
+        for name, got in f(tf.constant(x), tf.constant(v)).items():
+            want = REDUCTIONS[name](x, (3, None), data_format="channels_last", valid_sizes=v)
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert len(traces) == 1

@@ -515,7 +515,6 @@ def max_pool(x, spec: PoolSpec, return_indices: bool = False, valid_sizes=None, 
 # and its gradient is exactly 0 (autodiff of a gather).  Outputs ``j >= O_i`` are 0.
 
 VALID_SIZES = True
-VALID_REDUCTIONS = True  # lp, gem, avgmax and catavgmax take valid_sizes too
 
 
 def known_values(valid_sizes) -> np.ndarray | None:

@@ -14,7 +14,6 @@ from .._args import PoolSpec
 
 name = "numpy"
 VALID_SIZES = True  # pools padded batches (``valid_sizes``)
-VALID_REDUCTIONS = True  # ... with the further reductions too (lp, gem, avgmax, catavgmax)
 
 
 def is_array(x) -> bool:

@@ -88,6 +88,11 @@ def _dims(x) -> list:
     return dims
 
 
+def _shape(dims) -> tf.Tensor:
+    """A shape tensor of ``dims`` (Python ints and scalar tensors, as :func:`_dims` gives)."""
+    return tf.stack([tf.cast(d, tf.int64) for d in dims])
+
+
 def _prod(dims) -> object:
     static = math.prod(d for d in dims if isinstance(d, int))
     out = static
@@ -288,7 +293,7 @@ def _empty(x, spec: PoolSpec):
         if out is not None:
             dims[k] = out
     nothing = tf.gather(x, tf.zeros([0], tf.int64), axis=axis)
-    return tf.reshape(nothing, tf.stack([tf.cast(d, tf.int64) for d in dims]))
+    return tf.reshape(nothing, _shape(dims))
 
 
 def avg_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
@@ -745,30 +750,83 @@ def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, function: str):
     zero = tf.equal(total, 0)  # the root has no derivative at 0: torch's lp_pool gives gradient 0 there
     root = tf.where(zero, tf.zeros_like(total), tf.pow(tf.where(zero, tf.ones_like(total), total), 1 / p))
     out_dims = dims[:first] + list(spec.output_size) + dims[spec.spatial_axes[-1] + 1:]
-    return tf.cast(tf.reshape(scale * root, tf.stack([tf.cast(d, tf.int64) for d in out_dims])), x.dtype)
+    return tf.cast(tf.reshape(scale * root, _shape(out_dims)), x.dtype)
 
 
-def lp_pool(x, spec: PoolSpec, norm_type: float):
-    """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions); static spatial sizes."""
+def _power_mean_valid(x, spec: PoolSpec, p, mean: bool, floor, valid_sizes, keep):
+    """The power mean of a padded batch: each sample's own product windows (``_sample_windows`` per
+    axis), reduced as :func:`_power_mean`; any spatial sizes, known or not."""
+    x = tf.convert_to_tensor(x)
+    if 0 in spec.output_size:
+        return _empty(x, spec)
+    acc = _acc(x.dtype)
+    dims = _dims(x)
+    outs, out_sizes = _sample_outputs(valid_sizes, spec, keep, dims)
+    w, mask, present = tf.cast(x, acc), None, None
+    for d, axis in enumerate(spec.spatial_axes):
+        at = axis + d  # spatial axis d of w; the earlier ones are already (O, K)
+        here_dims = _dims(w)
+        index, valid, _, here = _sample_windows(valid_sizes[:, d], outs[:, d], out_sizes[d], here_dims[at])
+        k = tf.shape(index, out_type=tf.int64)[2]
+        w = tf.reshape(_sample_gather(w, at, index), _shape(here_dims[:at] + [out_sizes[d], k] + here_dims[at + 1:]))
+        # the product window's (N, prod O, prod K) mask and (N, prod O) presence, one axis at a time
+        mask = valid if mask is None else tf.reshape(mask[:, :, None, :, None] & valid[:, None, :, None, :],
+                                                     [tf.shape(valid)[0], -1, tf.shape(mask)[2] * tf.shape(valid)[2]])
+        present = here if present is None else tf.reshape(present[:, :, None] & here[:, None, :],
+                                                          [tf.shape(here)[0], -1])
+    first, rank = spec.spatial_axes[0], spec.rank
+    ndim = len(w.shape)
+    perm = (list(range(first)) + [first + 2 * d for d in range(rank)] + list(range(first + 2 * rank, ndim))
+            + [first + 2 * d + 1 for d in range(rank)])
+    # as (N, before, prod O, after, prod K): rank 5, as TensorFlow's broadcasting kernels need
+    n, before, after = dims[0], _prod(dims[1:first]), _prod(dims[spec.spatial_axes[-1] + 1:])
+    window = tf.cast(tf.shape(mask)[2], tf.int64)
+    w = tf.reshape(tf.transpose(w, perm), _shape([n, before, _prod(out_sizes), after, window]))
+    mask = mask[:, None, :, None, :]
+    t = w if floor is None else tf.where(w < floor, tf.constant(floor, acc), w)  # NaN stays NaN
+    m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=4, keepdims=True))
+    scale = tf.where(tf.math.is_finite(m) & (m > 0), m, tf.ones_like(m))
+    kept = mask & (tf.logical_not(tf.math.is_inf(m)) | tf.math.is_inf(t))
+    p = tf.constant(p, acc) if isinstance(p, (int, float)) else tf.cast(p, acc)
+    # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
+    terms = tf.where(kept, tf.pow(tf.where(kept, t / scale, tf.ones_like(t)), p), tf.zeros_like(t))
+    total = tf.reduce_sum(terms, axis=4, keepdims=True)
+    if mean:
+        total = total / tf.reduce_sum(tf.cast(mask, acc), axis=4, keepdims=True)
+    zero = tf.equal(total, 0)
+    root = tf.where(zero, tf.zeros_like(total), tf.pow(tf.where(zero, tf.ones_like(total), total), 1 / p))
+    y = tf.where(present[:, None, :, None, None], scale * root, tf.zeros_like(root))
+    out_dims = dims[:first] + out_sizes + dims[spec.spatial_axes[-1] + 1:]
+    return tf.cast(tf.reshape(y, _shape(out_dims)), x.dtype)
+
+
+def lp_pool(x, spec: PoolSpec, norm_type: float, valid_sizes=None, keep=None):
+    """``(Σ_window x^p)^(1/p)``, ``p = norm_type`` (torch's lp_pool conventions); static spatial sizes
+    unless ``valid_sizes`` is given."""
+    if valid_sizes is not None:
+        return _power_mean_valid(x, spec, float(norm_type), False, None, valid_sizes, keep)
     return _power_mean(x, spec, float(norm_type), False, None, "adaptive_lp_pool")
 
 
-def gem_pool(x, spec: PoolSpec, p, eps: float):
+def gem_pool(x, spec: PoolSpec, p, eps: float, valid_sizes=None, keep=None):
     """``(mean_window max(x, eps)^p)^(1/p)``; a ``tf.Variable`` ``p`` gets a gradient."""
+    if valid_sizes is not None:
+        return _power_mean_valid(x, spec, p, True, float(eps), valid_sizes, keep)
     return _power_mean(x, spec, p, True, float(eps), "adaptive_gem_pool")
 
 
-def avgmax_pool(x, spec: PoolSpec):
+def avgmax_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """``0.5·(avg + max)`` of each window, rounded once (half types via float32)."""
     x = tf.convert_to_tensor(x)
     acc = _acc(x.dtype)
-    mean = avg_pool(tf.cast(x, acc), spec)
-    return tf.cast(0.5 * (mean + tf.cast(max_pool(x, spec), acc)), x.dtype)
+    mean = avg_pool(tf.cast(x, acc), spec, valid_sizes, keep)
+    return tf.cast(0.5 * (mean + tf.cast(max_pool(x, spec, False, valid_sizes, keep), acc)), x.dtype)
 
 
-def catavgmax_pool(x, spec: PoolSpec):
+def catavgmax_pool(x, spec: PoolSpec, valid_sizes=None, keep=None):
     """The averages, then the maxima, along the channel axis (``2C`` channels)."""
-    return tf.concat([avg_pool(x, spec), max_pool(x, spec)], axis=spec.channel_axis)
+    return tf.concat([avg_pool(x, spec, valid_sizes, keep), max_pool(x, spec, False, valid_sizes, keep)],
+                     axis=spec.channel_axis)
 
 
 def flatten(x):

@@ -21,8 +21,8 @@ More reductions over the same windows, same ``output_size``/``data_format``:
 ``AdaptiveGeMPooling{1,2,3}D(output_size, p=3.0, eps=1e-6, p_trainable=True)``
 (``(mean_window max(x, eps)^p)^(1/p)``, ``p`` a trainable scalar weight), ``AdaptiveAvgMaxPooling{1,2,3}D``
 (``0.5·(avg + max)``), ``AdaptiveCatAvgMaxPooling{1,2,3}D`` (averages then maxima along the channel
-axis: ``C`` → ``2C``) and timm's ``SelectAdaptivePooling2D``.  These take no ``valid_sizes`` or mask
-(the reductions pool whole inputs only).  On the TensorFlow backend LP and GeM need spatial sizes known
+axis: ``C`` → ``2C``) and timm's ``SelectAdaptivePooling2D``, with the same ``valid_sizes`` (and 1-D mask).
+On the TensorFlow backend an LP or GeM of a whole batch (no ``valid_sizes``) needs spatial sizes known
 when the graph is built.
 """
 
@@ -50,7 +50,7 @@ __all__ = [
 
 
 class _AdaptivePooling(keras.layers.Layer):
-    """Shared by the six layers; subclasses set ``rank`` and ``reduce``."""
+    """Shared by every pooling layer; subclasses set ``rank`` and ``reduce`` (``adaptive_<reduce>_pool``)."""
 
     rank: int
     reduce: str
@@ -68,11 +68,10 @@ class _AdaptivePooling(keras.layers.Layer):
     def call(self, inputs, valid_sizes=None, mask=None):
         if mask is not None and self.rank == 1 and valid_sizes is None:
             valid_sizes = _mask_lengths(mask, type(self).__name__)
-        if self.reduce == "avg":
-            return anypool.adaptive_avg_pool(inputs, self.output_size, data_format=self.data_format,
-                                             valid_sizes=valid_sizes)
-        return anypool.adaptive_max_pool(inputs, self.output_size, data_format=self.data_format,
-                                         valid_sizes=valid_sizes)
+        return self._pool(inputs, data_format=self.data_format, valid_sizes=valid_sizes)
+
+    def _pool(self, inputs, **kw):
+        return getattr(anypool, f"adaptive_{self.reduce}_pool")(inputs, self.output_size, **kw)
 
     def compute_mask(self, inputs, mask=None):
         return None  # the pooled axis has new positions: the input's mask does not apply to them
@@ -128,34 +127,7 @@ AdaptiveMaxPooling3D = _layer(3, "max")
 # --- more reductions over the same windows -----------------------------------------------------------
 
 
-class _AdaptiveReduction(keras.layers.Layer):
-    """Shared by the LP, GeM, avgmax and catavgmax layers; subclasses set ``rank`` and ``reduce``."""
-
-    rank: int
-    reduce: str
-
-    def __init__(self, output_size, data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        name = type(self).__name__
-        self.data_format = data_format or keras.config.image_data_format()
-        _args.check_data_format(self.data_format, name)
-        self.output_size = _args.normalize_output_size(output_size, (None,) * self.rank,
-                                                       argument=f"{name}(output_size)")
-        self.input_spec = keras.InputSpec(ndim=self.rank + 2)
-
-    def call(self, inputs):
-        return getattr(anypool, f"adaptive_{self.reduce}_pool")(inputs, self.output_size, data_format=self.data_format)
-
-    def compute_output_shape(self, input_shape):
-        spec = _args.pool_spec(tuple(input_shape), self.output_size, self.rank, self.data_format,
-                               function=type(self).__name__, batched=True)
-        return spec.output_shape
-
-    def get_config(self):
-        return {**super().get_config(), "output_size": list(self.output_size), "data_format": self.data_format}
-
-
-class _AdaptiveLPPooling(_AdaptiveReduction):
+class _AdaptiveLPPooling(_AdaptivePooling):
     reduce = "lp"
 
     def __init__(self, norm_type, output_size, data_format=None, **kwargs):
@@ -165,14 +137,14 @@ class _AdaptiveLPPooling(_AdaptiveReduction):
         super().__init__(output_size, data_format, **kwargs)
         self.norm_type = float(norm_type)
 
-    def call(self, inputs):
-        return anypool.adaptive_lp_pool(inputs, self.norm_type, self.output_size, data_format=self.data_format)
+    def _pool(self, inputs, **kw):
+        return anypool.adaptive_lp_pool(inputs, self.norm_type, self.output_size, **kw)
 
     def get_config(self):
         return {**super().get_config(), "norm_type": self.norm_type}
 
 
-class _AdaptiveGeMPooling(_AdaptiveReduction):
+class _AdaptiveGeMPooling(_AdaptivePooling):
     reduce = "gem"
 
     def __init__(self, output_size, p=3.0, eps=1e-6, p_trainable=True, data_format=None, **kwargs):
@@ -188,15 +160,15 @@ class _AdaptiveGeMPooling(_AdaptiveReduction):
         self.p = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.p_init), name="p",
                                  trainable=True) if self.p_trainable else self.p_init
 
-    def call(self, inputs):
+    def _pool(self, inputs, **kw):
         p = keras.ops.convert_to_tensor(self.p) if self.p_trainable else self.p
-        return anypool.adaptive_gem_pool(inputs, self.output_size, p=p, eps=self.eps, data_format=self.data_format)
+        return anypool.adaptive_gem_pool(inputs, self.output_size, p=p, eps=self.eps, **kw)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p_init, "eps": self.eps, "p_trainable": self.p_trainable}
 
 
-class _AdaptiveCatAvgMaxPooling(_AdaptiveReduction):
+class _AdaptiveCatAvgMaxPooling(_AdaptivePooling):
     reduce = "catavgmax"
 
     def compute_output_shape(self, input_shape):
@@ -206,7 +178,7 @@ class _AdaptiveCatAvgMaxPooling(_AdaptiveReduction):
         return tuple(shape)
 
 
-_REDUCTION_BASES = {"lp": _AdaptiveLPPooling, "gem": _AdaptiveGeMPooling, "avgmax": _AdaptiveReduction,
+_REDUCTION_BASES = {"lp": _AdaptiveLPPooling, "gem": _AdaptiveGeMPooling, "avgmax": _AdaptivePooling,
                     "catavgmax": _AdaptiveCatAvgMaxPooling}
 _REDUCTION_NAMES = {"lp": "LP", "gem": "GeM", "avgmax": "AvgMax", "catavgmax": "CatAvgMax"}
 _REDUCTION_DOCS = {
@@ -263,10 +235,10 @@ class SelectAdaptivePooling2D(keras.layers.Layer):
         self.flatten = bool(flatten)
         self.input_spec = keras.InputSpec(ndim=4)
 
-    def call(self, inputs):
+    def call(self, inputs, valid_sizes=None):
         size = 1 if self.output_size == (1, 1) else self.output_size  # what a 'fast' pool accepts
         return anypool.select_adaptive_pool2d(inputs, self.pool_type, size, self.flatten,
-                                              data_format=self.data_format)
+                                              data_format=self.data_format, valid_sizes=valid_sizes)
 
     def is_identity(self) -> bool:
         return not self.pool_type
@@ -309,16 +281,24 @@ def _has_float64() -> bool:
 
 def harness_columns():
     """The layers on the current Keras backend, as a column of the differential harness."""
-    from .._harness import Column
+    from .._harness import GEM_EPS, REDUCTIONS, Column
+
+    def make(case, op):
+        kw = dict(data_format=case.data_format, dtype=case.dtype)
+        if op == "lp":
+            return REDUCTION_LAYERS[op, case.rank](case.exponent, case.output_size, **kw)
+        if op == "gem":  # p fixed: a trainable weight would be created in the layer's float dtype, not float64
+            return REDUCTION_LAYERS[op, case.rank](case.output_size, p=case.exponent, eps=GEM_EPS,
+                                                   p_trainable=False, **kw)
+        return (LAYERS if op in ("avg", "max") else REDUCTION_LAYERS)[op, case.rank](case.output_size, **kw)
 
     def run(case, x, op):
-        layer = LAYERS[op, case.rank](case.output_size, data_format=case.data_format, dtype=case.dtype)
-        y = layer(keras.ops.cast(keras.ops.convert_to_tensor(x), case.dtype), valid_sizes=case.valid_sizes)
+        y = make(case, op)(keras.ops.cast(keras.ops.convert_to_tensor(x), case.dtype), valid_sizes=case.valid_sizes)
         return keras.ops.convert_to_numpy(keras.ops.cast(y, "float32" if case.dtype == "bfloat16" else case.dtype))
 
     def supports(case, op):  # layers take a batch
         return case.spec.batched and 1 <= case.rank <= 3 and \
             (case.dtype != "float64" or _has_float64())
 
-    return [Column(f"keras[{keras.backend.backend()}] layers", run, supports, ops=("avg", "max"))]
+    return [Column(f"keras[{keras.backend.backend()}] layers", run, supports, ops=("avg", "max") + REDUCTIONS)]
 

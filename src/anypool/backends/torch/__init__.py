@@ -18,7 +18,6 @@ from . import ops, portable
 
 name = "torch"
 VALID_SIZES = True  # pools padded batches (``valid_sizes``)
-VALID_REDUCTIONS = True  # ... with lp, gem, avgmax and catavgmax too
 
 _UNSUPPORTED = (torch.bool, torch.complex32, torch.complex64, torch.complex128)
 
