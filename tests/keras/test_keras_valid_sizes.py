@@ -69,3 +69,13 @@ def test_harness_padded_batches():
     column, = layers.harness_columns()
     report = _harness.check(column, _harness.random_cases(40, seed=36, valid=1.0, unbatched=False), ops=column.ops)
     assert not report.failures, "\n".join(report.failures[:10])
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "max", "avgmax", "catavgmax"])
+def test_select_adaptive_pooling2d_valid_sizes(pool_type):
+    x, valid = _batch(7, 2)
+    layer = layers.SelectAdaptivePooling2D(2, pool_type=pool_type, flatten=True, data_format="channels_last")
+    got = keras.ops.convert_to_numpy(layer(keras.ops.convert_to_tensor(x), valid_sizes=valid))
+    want = anypool.select_adaptive_pool2d(x, pool_type, 2, True, data_format="channels_last", valid_sizes=valid)
+    assert np.isfinite(got).all()  # the NaN padding is never read
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
