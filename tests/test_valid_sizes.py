@@ -800,6 +800,14 @@ def test_reductions_on_jax_pool_each_crop_alone():
     assert report.cases == 4 * len(cases)
 
 
+def test_reductions_in_standalone_onnx_graphs_pool_each_crop_alone():
+    """The padded LP, GeM, avgmax and catavgmax graphs in ONNX Runtime, against the crops pooled alone."""
+    column = pytest.importorskip("anypool.onnx").harness_columns()[0]
+    report = _harness.check(column, _harness.random_cases(60, seed=37, valid=1.0), ops=_harness.REDUCTIONS)
+    assert not report.failures, report.failures[:3]
+    assert report.cases > 120
+
+
 _SIZES = np.array([[9, 7], [4, 3], [1, 2]])
 
 

@@ -56,7 +56,7 @@ import numpy as np
 from .. import _args, _bins
 
 __all__ = ["DEFAULT_OPSET", "build_avg", "build_max", "build_avg_valid", "build_max_valid",
-           "build_power_mean", "standalone_model"]
+           "build_power_mean", "build_power_mean_valid", "standalone_model"]
 
 DEFAULT_OPSET = 20
 """The ONNX opset ``export`` targets unless told otherwise (torch.onnx's own default in torch 2.13)."""
@@ -443,8 +443,9 @@ def _valid_output_sizes(e: _Emitter, x, output_size, ndim: int):
     return [o if isinstance(o, int) else _dim(e, x, ndim - rank + d) for d, o in enumerate(output_size)]
 
 
-def build_avg_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, static):
-    """Average pooling of a padded batch ``x`` (``(N, C, *S)``) with per-sample ``sizes``."""
+def build_avg_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, static, mean: bool = True):
+    """Average pooling of a padded batch ``x`` (``(N, C, *S)``) with per-sample ``sizes`` (the window
+    sums where ``mean`` is false)."""
     rank = len(output_size)
     compute = _compute_dtype(dtype)
     y = x if compute == dtype else e("Cast", x, to=compute)
@@ -460,7 +461,7 @@ def build_avg_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, s
         lengths, here = _place(e, lengths, a, ndim), _place(e, here, a, ndim)
         divisor = lengths if divisor is None else e("Mul", divisor, lengths)
         present = here if present is None else e("And", present, here)
-    y = e("Where", present, e("Div", y, e("Cast", divisor, to=compute)), zero)
+    y = e("Where", present, e("Div", y, e("Cast", divisor, to=compute)) if mean else y, zero)
     return y if compute == dtype else e("Cast", y, to=dtype)
 
 
@@ -506,16 +507,10 @@ def build_power_mean(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtyp
     ONNX value (a learnt parameter, exported as its value).
     """
     rank = len(output_size)
-    y = e("Cast", x, to=_DOUBLE)
-    if floor is not None:  # Max(NaN, floor) may drop the NaN: Where keeps it
-        y = e("Where", e("Less", y, e.const(np.asarray(floor))), e.const(np.asarray(floor)), y)
-    spatial = list(range(ndim - rank, ndim))
-    big = e.reduce("ReduceMax", e("Abs", y), spatial, keepdims=1)
-    bad = e("Or", e("Or", e("IsNaN", big), e("IsInf", big)), e("Equal", big, e.const(np.asarray(0.0))))
-    scale = e("Where", bad, e.const(np.asarray(1.0)), big)
-    exponent = e.const(np.asarray(float(p))) if isinstance(p, (int, float)) else e("Cast", p, to=_DOUBLE)
-    powered = e("Pow", e("Div", y, scale), exponent)
-    total = build_avg(e, powered, output_size, ndim, _DOUBLE, static)
+    y = _floored(e, x, floor)
+    scale, exponent = _scale_and_exponent(e, e.reduce("ReduceMax", e("Abs", y), list(range(ndim - rank, ndim)),
+                                                      keepdims=1), p)
+    total = build_avg(e, e("Pow", e("Div", y, scale), exponent), output_size, ndim, _DOUBLE, static)
     if not mean:
         axes = [_Axis(e, length, out) for length, out in zip(_lengths_of(e, x, ndim, static, rank), output_size)]
         total = e("Mul", total, _window_sizes(e, axes, _DOUBLE))
@@ -523,14 +518,52 @@ def build_power_mean(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtyp
     return e("Cast", e("Mul", scale, root), to=dtype)
 
 
+def _floored(e: _Emitter, x, floor: float | None):
+    """``x`` in float64, ``max(x, floor)`` when a floor is given (Max(NaN, floor) may drop the NaN: Where keeps it)."""
+    y = e("Cast", x, to=_DOUBLE)
+    if floor is None:
+        return y
+    return e("Where", e("Less", y, e.const(np.asarray(floor))), e.const(np.asarray(floor)), y)
+
+
+def _scale_and_exponent(e: _Emitter, big, p):
+    """A power mean's scale, the plane's largest ``|t|`` ``big`` (1 where that is 0, NaN or inf), and ``p``
+    as a float64 value."""
+    bad = e("Or", e("Or", e("IsNaN", big), e("IsInf", big)), e("Equal", big, e.const(np.asarray(0.0))))
+    exponent = e.const(np.asarray(float(p))) if isinstance(p, (int, float)) else e("Cast", p, to=_DOUBLE)
+    return e("Where", bad, e.const(np.asarray(1.0)), big), exponent
+
+
+def build_power_mean_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype: int, static, p, mean: bool,
+                           floor: float | None):
+    """:func:`build_power_mean` of a padded batch with per-sample ``sizes``: the scale is the largest
+    ``|t|`` of each sample's valid region, and the window sums never read the padding."""
+    rank = len(output_size)
+    whole = e("Concat", e("Slice", sizes, _i64(e, [0]), _i64(e, [rank]), _i64(e, [1])),
+              e("Expand", _i64(e, [[1] * rank]), e("Shape", e("Slice", sizes, _i64(e, [0]), _i64(e, [rank]),
+                                                                   _i64(e, [1])))), axis=1)
+    y = _floored(e, x, floor)
+    scale, exponent = _scale_and_exponent(e, build_max_valid(e, e("Abs", y), whole, [1] * rank, ndim, _DOUBLE,
+                                                             static)[0], p)
+    total = build_avg_valid(e, e("Pow", e("Div", y, scale), exponent), sizes, output_size, ndim, _DOUBLE, static,
+                            mean)
+    root = e("Pow", total, e("Div", e.const(np.asarray(1.0)), exponent))
+    return e("Cast", e("Mul", scale, root), to=dtype)
+
+
 def build_avgmax(e: _Emitter, x, output_size: Sequence[int], ndim: int, dtype: int,
-                 static: Sequence[int | None], combine: bool):
+                 static: Sequence[int | None], combine: bool, sizes=None):
     """timm's avgmax (``combine``: ``0.5·(avg + max)``, else the plain avg), the window maxima and their
-    int64 argmax, from one cast of ``x``; half types are computed in float32 and rounded once."""
+    int64 argmax, from one cast of ``x``; half types are computed in float32 and rounded once.  With
+    ``sizes`` (as :func:`build_avg_valid`'s) it pools a padded batch."""
     compute = _compute_dtype(dtype)
     y = x if compute == dtype else e("Cast", x, to=compute)
-    avg = build_avg(e, y, output_size, ndim, compute, static)
-    values, indices = build_max(e, y, output_size, ndim, compute, static)
+    if sizes is None:
+        avg = build_avg(e, y, output_size, ndim, compute, static)
+        values, indices = build_max(e, y, output_size, ndim, compute, static)
+    else:
+        avg = build_avg_valid(e, y, sizes, output_size, ndim, compute, static)
+        values, indices = build_max_valid(e, y, sizes, output_size, ndim, compute, static)
     first = e("Mul", e("Add", avg, values), e.const(np.asarray(0.5, _NUMPY[compute]))) if combine else avg
     if compute != dtype:  # rounded once
         first, values = e("Cast", first, to=dtype), e("Cast", values, to=dtype)
@@ -597,9 +630,9 @@ def standalone_model(op: str, output_size: Sequence[int | None], dtype: str = "f
     ``op``: ``"avg"``, ``"max"`` (values), ``"argmax"`` (values, indices), or one of the further
     reductions ``"lp"`` (``norm_type = p``), ``"gem"`` (``p``, ``eps``), ``"avgmax"`` and
     ``"catavgmax"`` (``2C`` output channels).  Input ``x`` of shape ``(N, C, *input_size)``;
-    ``input_size`` entries ``None`` (default: all) are dynamic.  With ``valid_sizes`` (avg and max
-    only) the graph pools a padded batch and takes a second input ``valid_sizes`` (int64
-    ``(N, rank)``); ``output_size`` entries may then be ``None`` (each sample's own length).
+    ``input_size`` entries ``None`` (default: all) are dynamic.  With ``valid_sizes`` the graph pools a
+    padded batch and takes a second input ``valid_sizes`` (int64 ``(N, rank)``); ``output_size``
+    entries may then be ``None`` (each sample's own length).
     """
     from onnx import helper
 
@@ -613,21 +646,23 @@ def standalone_model(op: str, output_size: Sequence[int | None], dtype: str = "f
     proto = _dtype_proto(dtype)
     e = _ProtoEmitter(opset)
     inputs = [helper.make_tensor_value_info("x", proto, ["N", "C", *[s or f"S{i}" for i, s in enumerate(input_size)]])]
+    sizes = None
     if valid_sizes:
         inputs.append(helper.make_tensor_value_info("valid_sizes", _INT64, ["N", rank]))
-    if valid_sizes:
         sizes = _sample_sizes(e, "valid_sizes", output_size)
-        build = build_avg_valid if op == "avg" else build_max_valid
-        outs = build(e, "x", sizes, output_size, rank + 2, proto, input_size)
+    if op in ("lp", "gem"):
+        power = dict(p=float(p), mean=op == "gem", floor=float(eps) if op == "gem" else None)
+        outs = [build_power_mean(e, "x", output_size, rank + 2, proto, input_size, **power) if sizes is None else
+                build_power_mean_valid(e, "x", sizes, output_size, rank + 2, proto, input_size, **power)]
+    elif op in ("avgmax", "catavgmax"):
+        first, values, _ = build_avgmax(e, "x", output_size, rank + 2, proto, input_size, op == "avgmax", sizes)
+        outs = [first if op == "avgmax" else e("Concat", first, values, axis=1)]
+    elif sizes is not None:
+        outs = build_avg_valid(e, "x", sizes, output_size, rank + 2, proto, input_size) if op == "avg" else \
+            build_max_valid(e, "x", sizes, output_size, rank + 2, proto, input_size)
         outs = [outs] if op == "avg" else list(outs)
     elif op == "avg":
         outs = [build_avg(e, "x", output_size, rank + 2, proto, input_size)]
-    elif op in ("lp", "gem"):
-        outs = [build_power_mean(e, "x", output_size, rank + 2, proto, input_size, float(p), op == "gem",
-                                 float(eps) if op == "gem" else None)]
-    elif op in ("avgmax", "catavgmax"):
-        first, values, _ = build_avgmax(e, "x", output_size, rank + 2, proto, input_size, op == "avgmax")
-        outs = [first if op == "avgmax" else e("Concat", first, values, axis=1)]
     else:
         outs = list(build_max(e, "x", output_size, rank + 2, proto, input_size, op == "argmax"))
     out_names = ["y", "indices"][:2 if op == "argmax" else 1]
