@@ -539,9 +539,8 @@ def build_power_mean_valid(e: _Emitter, x, sizes, output_size, ndim: int, dtype:
     """:func:`build_power_mean` of a padded batch with per-sample ``sizes``: the scale is the largest
     ``|t|`` of each sample's valid region, and the window sums never read the padding."""
     rank = len(output_size)
-    whole = e("Concat", e("Slice", sizes, _i64(e, [0]), _i64(e, [rank]), _i64(e, [1])),
-              e("Expand", _i64(e, [[1] * rank]), e("Shape", e("Slice", sizes, _i64(e, [0]), _i64(e, [rank]),
-                                                                   _i64(e, [1])))), axis=1)
+    lengths = e("Slice", sizes, _i64(e, [0]), _i64(e, [rank]), _i64(e, [1]))
+    whole = e("Concat", lengths, e("Expand", _i64(e, [[1] * rank]), e("Shape", lengths)), axis=1)  # one window
     y = _floored(e, x, floor)
     scale, exponent = _scale_and_exponent(e, build_max_valid(e, e("Abs", y), whole, [1] * rank, ndim, _DOUBLE,
                                                              static)[0], p)
