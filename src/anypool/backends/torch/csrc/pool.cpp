@@ -103,6 +103,161 @@ inline void max_into_row(const T* __restrict__ src, int64_t K, int64_t n, int64_
     }
 }
 
+// ---- small windows: each output read straight from its window ------------------------------
+// Windows of at most kSmallWindow elements, where that beats the separable passes (their row
+// buffers and per-row set-up cost more than such a window's few elements).  Measured on both
+// layouts: planar avg stays faster separable (its row sums vectorise along W), so does a planar
+// 1-D max (already read straight from the input) and a channels_last max that upsamples (its
+// windows of 1 or 2 make the direct loops' trip counts unpredictable).
+
+constexpr int64_t kSmallWindow = 16;
+
+inline bool small_windows(const Problem& p, bool is_max) {
+  if (p.per_sample() || max_window(p.d) * max_window(p.h) * max_window(p.w) > kSmallWindow) return false;
+  if (p.K == 1) return is_max && p.d.L * p.h.L > 1;
+  return !is_max || (p.d.O <= p.d.L && p.h.O <= p.h.L && p.w.O <= p.w.L);
+}
+
+// Calls row(NK, n, a, b, k0, nk) for every output row (n, a, b) and block of nk channels from k0
+// (NK as in with_nk), spread over torch's pool.
+template <typename Row>
+void for_output_rows(const Problem& p, Row&& row) {
+  const Axis &D = p.d, &H = p.h;
+  if (p.K == 1) {
+    at::parallel_for(0, p.B, grain(D.L * H.L * p.w.L), [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n)
+        for (int64_t a = 0; a < D.O; ++a)
+          for (int64_t b = 0; b < H.O; ++b) row(std::integral_constant<int, 1>{}, n, a, b, 0, 1);
+    });
+    return;
+  }
+  const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
+  at::parallel_for(0, items, grain(kSmallWindow * p.w.O * std::min(p.K, kBlock)), [&](int64_t lo, int64_t hi) {
+    for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
+      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
+      with_nk(nk, [&](auto NK) { row(NK, n, a, b, k0, nk); });
+    });
+  });
+}
+
+template <typename T>
+void avg_small_kernel(const T* x, T* y, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t K = p.K;
+  for_output_rows(p, [&](auto NKc, int64_t n, int64_t a, int64_t b, int64_t k0, int64_t nk_) {
+    constexpr int NK = decltype(NKc)::value;
+    const int64_t nk = NK ? NK : nk_;
+    const T* __restrict__ xn = x + n * D.L * H.L * p.in_row() + k0;
+    T* __restrict__ out = y + ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+    const acc_t rows = acc_t(D.size(a) * H.size(b));
+    acc_t acc[NK ? NK : kBlock];
+    for (int64_t c = 0; c < W.O; ++c) {
+      for (int64_t k = 0; k < nk; ++k) acc[k] = acc_t(0);
+      for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+        for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+          const T* __restrict__ r = xn + (d * H.L + h) * p.in_row();
+          for (int64_t i = W.start[c]; i < W.end[c]; ++i)
+            for (int64_t k = 0; k < nk; ++k) acc[k] += static_cast<acc_t>(r[i * K + k]);
+        }
+      const acc_t count = rows * acc_t(W.size(c));
+      for (int64_t k = 0; k < nk; ++k) out[c * K + k] = static_cast<T>(acc[k] / count);
+    }
+  });
+}
+
+// One planar output row (a, b) of windows at most wmax wide along W, every window advanced one
+// position per step (clamped to its last: revisiting it changes nothing), rows in flat order.  The
+// windows' branch-free chains are independent, so they overlap: one window at a time, each waits
+// on its own chain.  From kLockstep windows per row this is the faster order (measured).
+constexpr int64_t kLockstep = 16;
+constexpr int64_t kNarrow = 8;  // the widest windows along W that the general planar max takes in lockstep
+
+template <typename T>
+ANYPOOL_SCALAR_LOOPS inline void max_lockstep_row(const T* __restrict__ xn, const Axis& D, const Axis& H, const Axis& W, int64_t wmax,
+                             int64_t a, int64_t b, T* __restrict__ out, int64_t* __restrict__ idx) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int64_t kChunk = 64;  // windows per pass: the chains' state stays on the stack
+  acc_t bv[kChunk];
+  int64_t bf[kChunk];
+  for (int64_t c0 = 0; c0 < W.O; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, W.O - c0);
+    const int64_t* __restrict__ start = W.start.data() + c0;
+    const int64_t* __restrict__ end = W.end.data() + c0;
+    const int64_t r0 = (D.start[a] * H.L + H.start[b]) * W.L;
+    for (int64_t c = 0; c < n; ++c) {
+      bv[c] = static_cast<acc_t>(xn[r0 + start[c]]);
+      bf[c] = r0 + start[c];
+    }
+    for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+      for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+        const int64_t rf = (d * H.L + h) * W.L;
+        const T* __restrict__ xr = xn + rf;
+        for (int64_t u = 0; u < wmax; ++u)
+          ANYPOOL_SCALAR_LOOP
+          for (int64_t c = 0; c < n; ++c) {
+            const int64_t i = std::min(start[c] + u, end[c] - 1);
+            const acc_t v = static_cast<acc_t>(xr[i]);
+            const bool take = (v > bv[c]) | (v != v);
+            bv[c] = pick(take, v, bv[c]);
+            bf[c] = pick(take, rf + i, bf[c]);
+          }
+      }
+    for (int64_t c = 0; c < n; ++c) {
+      out[c0 + c] = static_cast<T>(bv[c]);
+      idx[c0 + c] = bf[c];
+    }
+  }
+}
+
+// Positions in flat order, each taken where greater or NaN: the first maximum, the last NaN.
+template <typename T>
+void max_small_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
+  using acc_t = at::opmath_type<T>;
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t K = p.K, wmax = max_window(W);
+  for_output_rows(p, [&](auto NKc, int64_t n, int64_t a, int64_t b, int64_t k0, int64_t nk_) {
+    constexpr int NK = decltype(NKc)::value;
+    const int64_t nk = NK ? NK : nk_;
+    const T* __restrict__ xn = x + n * D.L * H.L * p.in_row() + k0;
+    const int64_t r = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
+    T* __restrict__ out = y + r;
+    int64_t* __restrict__ idx = yi + r;
+    if constexpr (NK == 1)
+      if (W.O >= kLockstep) return max_lockstep_row(xn, D, H, W, wmax, a, b, out, idx);
+    acc_t bv[NK ? NK : kBlock];
+    int64_t bf[NK ? NK : kBlock];
+    for (int64_t c = 0; c < W.O; ++c) {
+      const int64_t f0 = (D.start[a] * H.L + H.start[b]) * W.L + W.start[c];  // the window's first position
+      for (int64_t k = 0; k < nk; ++k) {
+        bv[k] = static_cast<acc_t>(xn[f0 * K + k]);
+        bf[k] = f0;
+      }
+      for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+        for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+          const int64_t rf = (d * H.L + h) * W.L;
+          const T* __restrict__ row = xn + rf * K;
+          for (int64_t i = W.start[c]; i < W.end[c]; ++i)
+            for (int64_t k = 0; k < nk; ++k) {
+              const acc_t v = static_cast<acc_t>(row[i * K + k]);
+              const bool take = (v > bv[k]) | (v != v);
+              if constexpr (NK == 1) {  // a scalar chain: branch-free
+                bv[k] = pick(take, v, bv[k]);
+                bf[k] = pick(take, rf + i, bf[k]);
+              } else {  // vectorised over k: selects
+                bv[k] = take ? v : bv[k];
+                bf[k] = take ? rf + i : bf[k];
+              }
+            }
+        }
+      for (int64_t k = 0; k < nk; ++k) {
+        out[c * K + k] = static_cast<T>(bv[k]);
+        idx[c * K + k] = bf[k];
+      }
+    }
+  });
+}
+
 // ---- avg forward --------------------------------------------------------------------------
 
 // One output row: the windows along W of `src` (nk channels per position, position stride
@@ -139,6 +294,7 @@ void avg_forward_kernel(const T* x, T* y, const Problem& p) {
     });
     return;
   }
+  if (small_windows(p, false)) return avg_small_kernel(x, y, p);
   const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
   const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
@@ -268,22 +424,6 @@ inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64
   }
 }
 
-// One step of the narrow planar max: position start[c] + u (clamped to last[c]) of every
-// window c of one input row (flat offset rf), taken where greater or NaN.
-template <typename acc_t, typename T>
-inline void narrow_step(const T* __restrict__ xr, const int64_t* __restrict__ start, const int64_t* __restrict__ last,
-                        int64_t O, int64_t u, int64_t rf, bool first, acc_t* __restrict__ bv,
-                        int64_t* __restrict__ bf) {
-  for (int64_t c = 0; c < O; ++c) {
-    const int64_t i = std::min(start[c] + u, last[c]);
-    const acc_t v = static_cast<acc_t>(xr[i]);
-    const acc_t b = bv[c];
-    const bool take = first | (v > b) | (v != v);
-    bv[c] = take ? v : b;
-    bf[c] = take ? rf + i : bf[c];
-  }
-}
-
 template <typename T>
 void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   using acc_t = at::opmath_type<T>;
@@ -299,17 +439,15 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
     });
     return;
   }
+  if (small_windows(p, true)) return max_small_kernel(x, y, yi, p);
   const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
   const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
     const int64_t width = Wp.L * std::min(p.K, kBlock);
     const int64_t wmax = max_window(Wp);
-    const bool narrow = p.K == 1 && wmax <= 4 && !p.per_sample();  // (its tables are the batch's)
-    std::vector<int64_t> last;
-    if (narrow)
-      for (int64_t c = 0; c < Wp.O; ++c) last.push_back(Wp.end[c] - 1);
-    std::vector<acc_t> best_buffer(std::max(width, Wp.O));
-    std::vector<int64_t> rows_buffer(std::max(width, Wp.O));  // flat offset of the row holding best[.]
+    const bool narrow = p.K == 1 && wmax <= kNarrow && !p.per_sample();  // (its tables are the batch's)
+    std::vector<acc_t> best_buffer(width);
+    std::vector<int64_t> rows_buffer(width);  // flat offset of the row holding best[.]
     for_items(lo, hi, Dp.O, Hp.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
       const int64_t r = (n * Dp.O + a) * Hp.O + b;  // output row
       const int64_t k0 = kb * kBlock;
@@ -333,26 +471,7 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
           return;
         }
         if constexpr (NK == 1) {
-          if (narrow) {  // planar, short windows along W: all windows of the row at once, in flat order
-            // (position start + u, clamped to the window: revisiting its last element changes nothing)
-            acc_t* __restrict__ bv = best_buffer.data();
-            int64_t* __restrict__ bf = rows_buffer.data();
-            const int64_t* __restrict__ ws = W.start.data();
-            const int64_t* __restrict__ wl = last.data();
-            bool first = true;
-            for (int64_t d = D.start[a]; d < D.end[a]; ++d)
-              for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
-                const int64_t rf = (d * Hp.L + h) * Wp.L;
-                const T* __restrict__ xr = xn + rf;
-                for (int64_t u = 0; u < wmax; ++u, first = false)
-                  narrow_step(xr, ws, wl, W.O, u, rf, first, bv, bf);
-              }
-            for (int64_t c = 0; c < W.O; ++c) {
-              out[c] = static_cast<T>(bv[c]);
-              idx[c] = bf[c];
-            }
-            return;
-          }
+          if (narrow) return max_lockstep_row(xn, D, H, W, wmax, a, b, out, idx);
         }
         // down the window's rows, per column: the first max, or the last NaN (rows in flat order)
         acc_t* best = best_buffer.data();
@@ -370,39 +489,52 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
 }
 
 // ---- max backward: each input sums the g of the covering outputs whose argmax it is ----
+// A scatter of each output's g to its argmax, item by item over disjoint parts of gin (one
+// plane, or one sample's block of channels): no atomics, and each input receives its outputs in
+// flat output order — the order a gather over the covering outputs would sum them in.
+
+// A channels_last item is one whole sample (its gin zeroed in one contiguous fill) when the batch
+// keeps the threads busy, else kScatterBlock channels of it, so that a batch of one still splits.
+constexpr int64_t kScatterBlock = 16;
 
 template <typename T>
 void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p) {
   using acc_t = at::opmath_type<T>;
+  constexpr bool direct = std::is_same_v<acc_t, T>;  // else sum in acc_t and round once
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
-  const int64_t KB = p.blocks(), items = p.B * Dp.L * Hp.L * KB;
-  at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> acc_buffer(Wp.L * std::min(p.K, kBlock));
-    for_items(lo, hi, Dp.L, Hp.L, KB, [&](int64_t n, int64_t d, int64_t h, int64_t kb) {
-      const int64_t r = (n * Dp.L + d) * Hp.L + h;  // input row
-      const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
-      const int64_t first = (d * Hp.L + h) * Wp.L;  // flat offset of this input row
-      const Axis &D = p.axis(n, 0), &H = p.axis(n, 1), &W = p.axis(n, 2);  // this sample's windows
-      acc_t* __restrict__ acc = acc_buffer.data();
-      std::fill(acc, acc + Wp.L * nk, acc_t(0));
-      if (d < D.L && h < H.L)  // (the padding is no output's argmax: it stays 0)
-        for (int64_t a = D.first[d]; a < D.stop[d]; ++a)
-          for (int64_t b = H.first[h]; b < H.stop[h]; ++b) {
-            const int64_t o = ((n * Dp.O + a) * Hp.O + b) * p.out_row() + k0;
-            for (int64_t c = 0; c < W.O; ++c)
-              for (int64_t k = 0; k < nk; ++k) {
-                const int64_t f = gi[o + c * p.K + k] - first;
-                if (f >= 0 && f < W.L) acc[f * nk + k] += static_cast<acc_t>(g[o + c * p.K + k]);
-              }
-          }
-      T* __restrict__ out = gin + r * p.in_row() + k0;
-      with_nk(nk, [&](auto NKc) {
-        constexpr int NK = decltype(NKc)::value;
-        const int64_t n_k = NK ? NK : nk;
-        for (int64_t i = 0; i < Wp.L; ++i)
-          for (int64_t k = 0; k < n_k; ++k) out[i * p.K + k] = static_cast<T>(acc[i * n_k + k]);
-      });
-    });
+  const int64_t plane_in = Dp.L * Hp.L * Wp.L, plane_out = Dp.O * Hp.O * Wp.O, K = p.K;
+  const int64_t block = p.B >= 4 * at::get_num_threads() ? K : std::min(K, kScatterBlock), KB = ceil_div(K, block);
+  at::parallel_for(0, p.B * KB, grain((plane_in + plane_out) * block), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buffer(direct ? 0 : plane_in * block);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / KB, k0 = t % KB * block, nk = std::min(K - k0, block);
+      const Axis &D = p.axis(b, 0), &H = p.axis(b, 1), &W = p.axis(b, 2);  // this sample's windows
+      T* __restrict__ out = gin + b * plane_in * K + k0;
+      acc_t* __restrict__ acc;
+      int64_t step;  // acc's stride between positions
+      if constexpr (direct) {
+        acc = out;
+        step = K;
+      } else {
+        acc = buffer.data();
+        step = nk;
+      }
+      if (step == nk) std::fill(acc, acc + plane_in * nk, acc_t(0));
+      else zero_cols(acc, 0, plane_in, nk, step);
+      for (int64_t a = 0; a < D.O; ++a)
+        for (int64_t bb = 0; bb < H.O; ++bb) {
+          const int64_t o = ((b * Dp.O + a) * Hp.O + bb) * Wp.O * K + k0;
+          for (int64_t c = 0; c < W.O; ++c)
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t f = gi[o + c * K + k];
+              TORCH_CHECK(f >= 0 && f < plane_in, "anypool_cpu: index ", f, " outside the plane of ", plane_in);
+              acc[f * step + k] += static_cast<acc_t>(g[o + c * K + k]);
+            }
+        }
+      if constexpr (!direct)
+        for (int64_t i = 0; i < plane_in; ++i)
+          for (int64_t k = 0; k < nk; ++k) out[i * K + k] = static_cast<T>(acc[i * nk + k]);
+    }
   });
 }
 
@@ -459,7 +591,7 @@ Tensor max_backward(const Tensor& grad_out, const Tensor& indices, at::IntArrayR
   const Tensor gp = physical(grad_out, cl);
   const Tensor ip = physical(indices, cl);  // read in g's order (a copy only if the layouts differ)
   Tensor gin = layout_empty(grad_out, input_size, cl, grad_out.scalar_type());
-  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, true, sizes);
+  const Problem p = problem(grad_out.size(0), grad_out.size(1), input_size, grad_out.sizes().slice(2), cl, false, sizes);
   ANYPOOL_DISPATCH(grad_out.scalar_type(), "max_backward", [&] {
     max_backward_kernel(gp.const_data_ptr<scalar_t>(), ip.const_data_ptr<int64_t>(),
                         gin.mutable_data_ptr<scalar_t>(), p);
