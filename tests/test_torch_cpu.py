@@ -129,12 +129,12 @@ def test_each_kernel_path(layout, dtype):
     # shapes that reach each path of pool.cpp: small windows read straight from the input (planar rows of
     # more windows than kLockstep, in chunks of 64), the general planar max in lockstep (narrow along W,
     # tall), the separable passes, upsampling; backward scatters by whole samples (a batch that keeps every
-    # thread busy) and by blocks of 16 channels with a tail
+    # thread busy) and by blocks of 16 channels with a tail; a global avg backward on both layouts
     rng = np.random.default_rng(11)
     busy = 4 * torch.get_num_threads() + 1
     for shape, out in [((2, 3, 12, 40), (6, 20)), ((1, 2, 4, 300), (2, 150)), ((1, 2, 40, 300), (2, 100)),
                        ((2, 3, 10, 10), (4, 3)), ((busy, 5, 6, 6), (3, 3)), ((1, 40, 6, 6), (3, 3)),
-                       ((busy, 40, 5, 7), (7, 9)), ((1, 19, 3, 8, 9), (2, 3, 4))]:
+                       ((busy, 40, 5, 7), (7, 9)), ((1, 19, 3, 8, 9), (2, 3, 4)), ((3, 20, 5, 7), (1, 1))]:
         _check(_make(rng, shape, dtype, layout), out, dtype, rng)
 
 

@@ -103,10 +103,13 @@ inline Problem problem(int64_t N, int64_t C, at::IntArrayRef in, at::IntArrayRef
   return p;
 }
 
-// A global pool of planar (NCHW) input: every plane one contiguous window (see problem()).
-inline bool planar_global(const Problem& p) {
-  return p.K == 1 && !p.per_sample() && p.d.L == 1 && p.h.L == 1 && p.d.O == 1 && p.h.O == 1 && p.w.O == 1;
+// A global pool, its spatial axes flattened into one (see problem()): each buffer row b one window.
+inline bool flat_global(const Problem& p) {
+  return !p.per_sample() && p.d.L == 1 && p.h.L == 1 && p.d.O == 1 && p.h.O == 1 && p.w.O == 1;
 }
+
+// A global pool of planar (NCHW) input: every plane one contiguous window.
+inline bool planar_global(const Problem& p) { return p.K == 1 && flat_global(p); }
 
 // Keeps the compiler from vectorising a function's loops: where they would need gathers, the
 // scalar loop is faster (measured 3x on the lockstep max).

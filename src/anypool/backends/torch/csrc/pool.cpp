@@ -330,6 +330,21 @@ template <typename T>
 void avg_backward_kernel(const T* g, T* gin, const Problem& p) {
   using acc_t = at::opmath_type<T>;
   const Axis &Dp = p.d, &Hp = p.h, &Wp = p.w;  // the buffers' extents
+  if (flat_global(p)) {  // every input of a sample's channel gets the same g / L: the gather without its set-up
+    const int64_t L = Wp.L, K = p.K;
+    const acc_t scale = acc_t(1) / acc_t(L);
+    at::parallel_for(0, p.B, grain(L * K), [&](int64_t lo, int64_t hi) {
+      std::vector<T> row(K);
+      for (int64_t b = lo; b < hi; ++b) {
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<T>(acc_t(0) + static_cast<acc_t>(g[b * K + k]) * scale);
+        T* __restrict__ out = gin + b * L * K;
+        if (K == 1) std::fill(out, out + L, row[0]);
+        else
+          for (int64_t i = 0; i < L; ++i) std::copy(row.begin(), row.end(), out + i * K);
+      }
+    });
+    return;
+  }
   const int64_t KB = p.blocks(), items = p.B * Dp.L * Hp.L * KB;
   at::parallel_for(0, items, grain(p.in_row() / KB + p.out_row() / KB), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> acc_buffer(Wp.O * std::min(p.K, kBlock));
