@@ -28,6 +28,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +48,8 @@ inline int64_t max_window(const Axis& a) {
   for (int64_t j = 0; j < a.O; ++j) m = std::max(m, a.size(j));
   return m;
 }
+
+inline bool downsamples(const Problem& p) { return p.d.O <= p.d.L && p.h.O <= p.h.L && p.w.O <= p.w.L; }
 
 // out[c * K + k] = 0 for the columns c0 <= c < c1 (nk channels each): outputs past a sample's own.
 template <typename T>
@@ -115,7 +119,7 @@ constexpr int64_t kSmallWindow = 16;
 inline bool small_windows(const Problem& p, bool is_max) {
   if (p.per_sample() || max_window(p.d) * max_window(p.h) * max_window(p.w) > kSmallWindow) return false;
   if (p.K == 1) return is_max && p.d.L * p.h.L > 1;
-  return !is_max || (p.d.O <= p.d.L && p.h.O <= p.h.L && p.w.O <= p.w.L);
+  return !is_max || downsamples(p);
 }
 
 // Calls row(NK, n, a, b, k0, nk) for every output row (n, a, b) and block of nk channels from k0
@@ -171,7 +175,7 @@ void avg_small_kernel(const T* x, T* y, const Problem& p) {
 // windows' branch-free chains are independent, so they overlap: one window at a time, each waits
 // on its own chain.  From kLockstep windows per row this is the faster order (measured).
 constexpr int64_t kLockstep = 16;
-constexpr int64_t kNarrow = 8;  // the widest windows along W that the general planar max takes in lockstep
+constexpr int64_t kNarrow = 4;  // the widest windows along W that the general planar max takes in lockstep (measured)
 
 template <typename T>
 ANYPOOL_SCALAR_LOOPS inline void max_lockstep_row(const T* __restrict__ xn, const Axis& D, const Axis& H, const Axis& W, int64_t wmax,
@@ -439,6 +443,78 @@ inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64
   }
 }
 
+// ---- channels_last float max: 16 channels in one vector, in registers down the whole window --
+// (GCC/Clang vector types: AVX-512, two AVX2 halves or NEON quarters, as the machine has.)  The
+// window's positions are visited in flat order, so "greater, or NaN" keeps the first maximum and
+// the last NaN; indices are int32 lanes, widened on the store (planes under 2^31 positions).
+
+using f32x16 = float __attribute__((vector_size(64)));
+using i32x16 = int32_t __attribute__((vector_size(64)));
+constexpr int64_t kVector = 16;
+
+// (upsampling is left to the other paths: its windows of 1 or 2 make these loops' trip counts unpredictable)
+inline bool vector_max(const Problem& p) {
+  return p.K >= kVector && !p.per_sample() && downsamples(p) &&
+         p.d.L * p.h.L * p.w.L < std::numeric_limits<int32_t>::max();
+}
+
+void max_vector_kernel(const float* x, float* y, int64_t* yi, const Problem& p) {
+  const Axis &D = p.d, &H = p.h, &W = p.w;
+  const int64_t K = p.K, vectors = K / kVector, full = vectors * kVector;
+  const int64_t per_row = std::max<int64_t>(1, D.L * H.L * p.in_row() / (D.O * H.O));
+  at::parallel_for(0, p.B * D.O * H.O, grain(per_row), [&](int64_t lo, int64_t hi) {
+    std::vector<f32x16> best(vectors);  // one output's running maxima and their positions, all channels
+    std::vector<i32x16> where(vectors);
+    for_items(lo, hi, D.O, H.O, 1, [&](int64_t n, int64_t a, int64_t b, int64_t) {
+      const float* xn = x + n * D.L * H.L * p.in_row();
+      const int64_t r = ((n * D.O + a) * H.O + b) * p.out_row();
+      for (int64_t c = 0; c < W.O; ++c) {
+        const int64_t f0 = (D.start[a] * H.L + H.start[b]) * W.L + W.start[c];
+        for (int64_t v = 0; v < vectors; ++v) {
+          std::memcpy(&best[v], xn + f0 * K + v * kVector, sizeof(f32x16));
+          where[v] = i32x16{} + static_cast<int32_t>(f0);
+        }
+        // positions outer, channels inner: the input is read in memory order
+        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+          for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+            const int64_t rf = (d * H.L + h) * W.L;
+            for (int64_t i = W.start[c]; i < W.end[c]; ++i) {
+              const float* xi = xn + (rf + i) * K;
+              const i32x16 at = i32x16{} + static_cast<int32_t>(rf + i);
+              for (int64_t v = 0; v < vectors; ++v) {
+                f32x16 t;
+                std::memcpy(&t, xi + v * kVector, sizeof t);
+                const i32x16 take = (t > best[v]) | (t != t);
+                best[v] = take ? t : best[v];
+                where[v] = take ? at : where[v];
+              }
+            }
+          }
+        for (int64_t v = 0; v < vectors; ++v) {
+          std::memcpy(y + r + c * K + v * kVector, &best[v], sizeof(f32x16));
+          for (int64_t l = 0; l < kVector; ++l) yi[r + c * K + v * kVector + l] = where[v][l];
+        }
+        for (int64_t k = full; k < K; ++k) {  // the channels past the last full vector
+          float bv = xn[f0 * K + k];
+          int64_t bf = f0;
+          for (int64_t d = D.start[a]; d < D.end[a]; ++d)
+            for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
+              const int64_t rf = (d * H.L + h) * W.L;
+              for (int64_t i = W.start[c]; i < W.end[c]; ++i) {
+                const float t = xn[(rf + i) * K + k];
+                const bool take = (t > bv) | (t != t);
+                bv = take ? t : bv;
+                bf = take ? rf + i : bf;
+              }
+            }
+          y[r + c * K + k] = bv;
+          yi[r + c * K + k] = bf;
+        }
+      }
+    });
+  });
+}
+
 template <typename T>
 void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
   using acc_t = at::opmath_type<T>;
@@ -454,6 +530,8 @@ void max_forward_kernel(const T* x, T* y, int64_t* yi, const Problem& p) {
     });
     return;
   }
+  if constexpr (std::is_same_v<T, float>)
+    if (vector_max(p)) return max_vector_kernel(x, y, yi, p);
   if (small_windows(p, true)) return max_small_kernel(x, y, yi, p);
   const int64_t KB = p.blocks(), items = p.B * Dp.O * Hp.O * KB;
   const int64_t per_item = std::max<int64_t>(1, Dp.L * Hp.L * p.in_row() / (Dp.O * Hp.O * KB));
@@ -546,9 +624,14 @@ void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p
               acc[f * step + k] += static_cast<acc_t>(g[o + c * K + k]);
             }
         }
-      if constexpr (!direct)
-        for (int64_t i = 0; i < plane_in; ++i)
-          for (int64_t k = 0; k < nk; ++k) out[i * K + k] = static_cast<T>(acc[i * nk + k]);
+      if constexpr (!direct) {
+        if (nk == K) {  // one contiguous run: the rounding loop vectorises
+          for (int64_t i = 0; i < plane_in * K; ++i) out[i] = static_cast<T>(acc[i]);
+        } else {
+          for (int64_t i = 0; i < plane_in; ++i)
+            for (int64_t k = 0; k < nk; ++k) out[i * K + k] = static_cast<T>(acc[i * nk + k]);
+        }
+      }
     }
   });
 }
