@@ -450,6 +450,7 @@ inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64
 
 using f32x16 = float __attribute__((vector_size(64)));
 using i32x16 = int32_t __attribute__((vector_size(64)));
+using i64x16 = int64_t __attribute__((vector_size(128)));
 constexpr int64_t kVector = 16;
 
 // (upsampling is left to the other paths: its windows of 1 or 2 make these loops' trip counts unpredictable)
@@ -492,7 +493,8 @@ void max_vector_kernel(const float* x, float* y, int64_t* yi, const Problem& p) 
           }
         for (int64_t v = 0; v < vectors; ++v) {
           std::memcpy(y + r + c * K + v * kVector, &best[v], sizeof(f32x16));
-          for (int64_t l = 0; l < kVector; ++l) yi[r + c * K + v * kVector + l] = where[v][l];
+          const i64x16 wide = __builtin_convertvector(where[v], i64x16);
+          std::memcpy(yi + r + c * K + v * kVector, &wide, sizeof wide);
         }
         for (int64_t k = full; k < K; ++k) {  // the channels past the last full vector
           float bv = xn[f0 * K + k];
