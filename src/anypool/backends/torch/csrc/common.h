@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -165,6 +166,37 @@ inline acc_t span_sum(const S* __restrict__ v, int64_t n) {
   acc_t tail = 0;
   for (; i < n; ++i) tail += static_cast<acc_t>(v[i]);
   return fold(part, [](acc_t a, acc_t b) { return a + b; }) + tail;
+}
+
+// span_sum of float with its lanes as one GCC/Clang vector (AVX-512, AVX2 halves, NEON quarters),
+// folded in register halves in the same order (the same bits).  The array's fold goes through the
+// stack: this is 1.5x faster on a 7x7 plane, but slower inside the separable passes (measured).
+using f32x16 = float __attribute__((vector_size(64)));
+using f32x8 = float __attribute__((vector_size(32)));
+using f32x4 = float __attribute__((vector_size(16)));
+
+template <typename Half, typename V>
+inline Half halves_sum(const V& v) {
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  return lo + hi;
+}
+
+inline float span_sum_vector(const float* __restrict__ v, int64_t n) {
+  static_assert(kLanes == 16, "one f32x16 of lanes");
+  if (n < kLanes) return span_sum<float>(v, n);
+  f32x16 part{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    f32x16 t;
+    std::memcpy(&t, v + i, sizeof t);
+    part += t;
+  }
+  float tail = 0;
+  for (; i < n; ++i) tail += v[i];
+  const f32x4 q = halves_sum<f32x4>(halves_sum<f32x8>(part));  // lanes l + l+8, then l + l+4
+  return ((q[0] + q[2]) + (q[1] + q[3])) + tail;                   // then l + l+2, then l + l+1
 }
 
 // The first i < n with v[i] == m, or -1.

@@ -294,7 +294,12 @@ void avg_forward_kernel(const T* x, T* y, const Problem& p) {
     // a short plane's sum (e.g. 7x7).  Same span_sum and divisor as avg_row: the same bits.
     const int64_t L = Wp.L;
     at::parallel_for(0, p.B, grain(L), [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) y[b] = static_cast<T>(span_sum<acc_t>(x + b * L, L) / acc_t(L));
+      for (int64_t b = lo; b < hi; ++b) {
+        acc_t sum;
+        if constexpr (std::is_same_v<T, float>) sum = span_sum_vector(x + b * L, L);
+        else sum = span_sum<acc_t>(x + b * L, L);
+        y[b] = static_cast<T>(sum / acc_t(L));
+      }
     });
     return;
   }
@@ -448,7 +453,6 @@ inline void max_row(const S* __restrict__ src, int64_t step, RowOf row_of, int64
 // window's positions are visited in flat order, so "greater, or NaN" keeps the first maximum and
 // the last NaN; indices are int32 lanes, widened on the store (planes under 2^31 positions).
 
-using f32x16 = float __attribute__((vector_size(64)));
 using i32x16 = int32_t __attribute__((vector_size(64)));
 using i64x16 = int64_t __attribute__((vector_size(128)));
 constexpr int64_t kVector = 16;
