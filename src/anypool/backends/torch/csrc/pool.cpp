@@ -378,17 +378,33 @@ void avg_backward_kernel(const T* g, T* gin, const Problem& p) {
               for (int64_t k = 0; k < nk; ++k) acc[c * nk + k] += static_cast<acc_t>(gr[c * p.K + k]) * scale;
             }
           }
-        for (int64_t i = 0; i < W.L; ++i) {
+        // input i gets acc[first(i)] + ... + acc[stop(i) - 1]
+        const auto covered = [&](int64_t i) {
           const acc_t* a0 = acc + W.first[i] * nk;
-          if (W.stop[i] - W.first[i] == 1) {
-            for (int64_t k = 0; k < nk; ++k) out[i * p.K + k] = static_cast<T>(a0[k]);
-          } else {
-            for (int64_t k = 0; k < nk; ++k) {
-              acc_t s = a0[k];
-              for (int64_t c = 1; c < W.stop[i] - W.first[i]; ++c) s += a0[c * nk + k];
-              out[i * p.K + k] = static_cast<T>(s);
+          for (int64_t k = 0; k < nk; ++k) {
+            acc_t s = a0[k];
+            for (int64_t c = 1; c < W.stop[i] - W.first[i]; ++c) s += a0[c * nk + k];
+            out[i * p.K + k] = static_cast<T>(s);
+          }
+        };
+        if constexpr (NK == 1) {
+          // planar: the inputs only window c covers, [max(start c, end c-1), min(end c, start c+1)), are
+          // one run of the same value; windows are monotone, so the others lie between two such runs
+          int64_t done = 0;
+          for (int64_t c = 0; c < W.O; ++c) {
+            const int64_t lo = c > 0 ? std::max(W.start[c], W.end[c - 1]) : W.start[c];
+            const int64_t hi = c + 1 < W.O ? std::min(W.end[c], W.start[c + 1]) : W.end[c];
+            for (int64_t i = done; i < lo; ++i) covered(i);
+            if (lo < hi) {
+              std::fill(out + lo, out + hi, static_cast<T>(acc[c]));
+              done = hi;
+            } else {
+              done = std::max(done, lo);
             }
           }
+          for (int64_t i = done; i < W.L; ++i) covered(i);
+        } else {
+          for (int64_t i = 0; i < W.L; ++i) covered(i);
         }
       });
     });
