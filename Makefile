@@ -22,7 +22,7 @@ $(VENV)/.%-installed: pyproject.toml
 	# timm's pooling module, for the reduction tests: without its dependencies, since its torchvision
 	# requirement would replace the CPU build of torch with a CUDA one (no CPU torchvision on PyPI)
 	if [ "$*" = test ]; then $(PY) -m pip install -q --no-deps "timm>=1.0"; fi
-	# compile the torch C++ CPU kernels now (about 30 s, cached on disk) rather than on first use
+	# compile the torch C++ CPU kernels now (about a minute, cached on disk) rather than on first use
 	$(PY) -c "from anypool.backends.torch import cpu" || echo "anypool: C++ kernels not built; torch uses the portable path"
 	touch $@
 

@@ -234,7 +234,7 @@ def test_results_have_the_promised_strides(rank, layout):
 
 @pytest.mark.parametrize("L,O", [(1, 1), (7, 3), (3, 7), (10, 10), (224, 7), (7, 224), (600, 37), (1000, 333)])
 def test_cpp_window_formulas_equal_bins(L, O):
-    got = torch.ops.anypool_cpu.bins(L, O).numpy()
+    got = cpu._kernels.bins(L, O).numpy()
     axis = _bins.axis_bins(L, O)
     first, last = axis.cover()
     np.testing.assert_array_equal(got[0, :O], axis.starts)
@@ -249,7 +249,7 @@ def test_cpp_window_formulas_do_not_overflow():
         for k in (0, 1, min(L, O) // 3, min(L, O) - 1):
             want = [_bins.start_expr(k, L, O), _bins.end_expr(k, L, O),
                     _bins.cover_first_expr(k, L, O), _bins.cover_last_expr(k, L, O)]
-            assert list(torch.ops.anypool_cpu.bin_at(k, L, O)) == want, (k, L, O)
+            assert list(cpu._kernels.bin_at(k, L, O)) == want, (k, L, O)
 
 
 _FALLBACK = """

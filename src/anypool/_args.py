@@ -143,13 +143,15 @@ def pool_spec(shape: Sequence[int | None], output_size: OutputSize, rank: int,
 
     ``cache=False`` while a tracer (``torch.compile``) runs: it traces the checks themselves.
     """
-    sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,)
-    shape = tuple(shape)
-    # only plain ints (and None) are cached: 2.0 and True hash like 2 but must still be rejected
-    if cache and all(type(v) is int or v is None for v in (*sizes, *shape)):
-        key = sizes if isinstance(output_size, (tuple, list)) else output_size
-        return _cached_pool_spec(shape, key, rank, data_format, function, batched)
-    return _pool_spec(shape, output_size, rank, data_format, function, batched)
+    if cache:
+        # only plain ints (and None) are cached: 2.0 and True hash like 2 but must still be rejected
+        # (the backends' shapes hold ints and None only)
+        kind = type(output_size)
+        if kind is int or output_size is None:
+            return _cached_pool_spec(tuple(shape), output_size, rank, data_format, function, batched)
+        if (kind is tuple or kind is list) and all(type(v) is int or v is None for v in output_size):
+            return _cached_pool_spec(tuple(shape), tuple(output_size), rank, data_format, function, batched)
+    return _pool_spec(tuple(shape), output_size, rank, data_format, function, batched)
 
 
 def _pool_spec(shape, output_size, rank, data_format, function, batched) -> PoolSpec:

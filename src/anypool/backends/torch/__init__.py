@@ -29,6 +29,8 @@ def is_array(x) -> bool:
 def shape(x) -> tuple[int | None, ...]:
     # a symbolic size (torch.compile with dynamic shapes) is reported unknown rather
     # than forced to an int, which would specialise the compiled graph to it
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        return tuple(x.shape)  # plain ints (the common eager call: skips the per-entry test)
     return tuple(s if isinstance(s, int) else None for s in x.shape)
 
 

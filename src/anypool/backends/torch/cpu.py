@@ -1,5 +1,5 @@
 """The fast CPU path: C++ kernels (``csrc/pool.cpp``; LP, GeM, avgmax in ``csrc/reductions.cpp``) on torch's own
-intra-op thread pool.
+intra-op thread pool, called as a Python module (``csrc/bindings.cpp``).
 
 The kernels run through ``at::parallel_for``, so they honour ``torch.set_num_threads`` and
 share torch's OpenMP workers instead of starting a second pool beside them.  Every function
@@ -9,8 +9,8 @@ Windows come from ``csrc/bins.h``, which ``tests/test_torch_cpu.py`` holds again
 :mod:`anypool._bins`.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension`` and cached on disk
-(``$ANYPOOL_CACHE_DIR``, else ``~/.cache/anypool``), keyed by the torch version and the CPU
-capability torch itself dispatches to (``ATEN_CPU_CAPABILITY`` is honoured), so a cached
+(``$ANYPOOL_CACHE_DIR``, else ``~/.cache/anypool``), keyed by the torch and Python versions and
+the CPU capability torch itself dispatches to (``ATEN_CPU_CAPABILITY`` is honoured), so a cached
 build never carries instructions the machine lacks.  Where it cannot be built (no C++
 compiler, no ninja), importing this module raises ``ImportError`` and :mod:`.ops` warns once
 and uses the portable path.
@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -35,7 +37,7 @@ VALID_SIZES = True  # the kernels take per-sample sizes (see ops.py, "padded bat
 # ops._layout_empty; tests/test_torch_cpu.py holds them), so the eager path skips ops._conform
 EXACT_LAYOUT = True
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("pool.cpp", "reductions.cpp")
+_SOURCES = ("pool.cpp", "reductions.cpp", "bindings.cpp")
 _DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 # The instruction sets of each capability torch reports, as GCC/Clang flags.
@@ -71,8 +73,8 @@ def _clear_stale_lock(lock: Path) -> None:
             lock.unlink()
 
 
-def build() -> str:
-    """Compile (or load the cached build of) the extension; returns the build directory.
+def build() -> ModuleType:
+    """Compile (or load the cached build of) the extension; returns it as a module.
 
     Raises ``ImportError`` naming what is missing when it cannot be built.
     """
@@ -85,25 +87,22 @@ def build() -> str:
         raise ImportError("the 'ninja' build tool is missing (pip install ninja)")
     capability = torch.backends.cpu.get_cpu_capability()
     name = f"anypool_cpu_{capability.lower()}"
-    directory = _cache_dir() / f"torch-{torch.__version__}" / name
+    directory = _cache_dir() / f"torch-{torch.__version__}-{sys.implementation.cache_tag}" / name
     directory.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(directory / "lock")
     try:
-        cpp_extension.load(
+        return cpp_extension.load(
             name=name,
             sources=[str(_CSRC / s) for s in _SOURCES],
             extra_include_paths=[str(_CSRC)],
             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *_CAPABILITY_FLAGS.get(capability, [])],
             build_directory=str(directory),
-            is_python_module=False,
         )
     except Exception as e:  # a compiler that fails (missing headers, a broken toolchain) is missing too
         raise ImportError(f"building the C++ kernels failed: {type(e).__name__}: {str(e).strip()[:500]}") from e
-    return str(directory)
 
 
-build()
-_ops = torch.ops.anypool_cpu
+_kernels = build()
 
 
 def supports(x: torch.Tensor, output_size) -> bool:
@@ -119,23 +118,23 @@ def avg_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None)
     ``sizes`` (int64 ``(N, 2k)``: per sample the valid input, then output lengths) pools each
     sample of a padded batch with its own windows; outputs past a sample's own are 0.
     """
-    return _ops.avg_forward.default(x, list(output_size), _cpu(sizes))
+    return _kernels.avg_forward(x, list(output_size), _cpu(sizes))
 
 
 def avg_backward(grad_out: torch.Tensor, input_size, sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of :func:`avg_forward`: ``gin[i] = Σ_{j covers i} g[j] / |window j|`` (a gather, deterministic)."""
-    return _ops.avg_backward.default(grad_out, [int(s) for s in input_size], _cpu(sizes))
+    return _kernels.avg_backward(grad_out, [int(s) for s in input_size], _cpu(sizes))
 
 
 def max_forward(x: torch.Tensor, output_size, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Max over each window and its int64 flat index in the spatial plane (first max; last NaN)."""
-    return _ops.max_forward.default(x, list(output_size), _cpu(sizes))
+    return _kernels.max_forward(x, list(output_size), _cpu(sizes))
 
 
 def max_backward(grad_out: torch.Tensor, indices: torch.Tensor, input_size,
                  sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of :func:`max_forward`: each input sums the ``g`` of the covering outputs whose argmax it is."""
-    return _ops.max_backward.default(grad_out, indices, [int(s) for s in input_size], _cpu(sizes))
+    return _kernels.max_backward(grad_out, indices, [int(s) for s in input_size], _cpu(sizes))
 
 
 def _cpu(sizes: torch.Tensor | None) -> torch.Tensor | None:
@@ -144,30 +143,30 @@ def _cpu(sizes: torch.Tensor | None) -> torch.Tensor | None:
 
 def lp_forward(x: torch.Tensor, output_size, norm_type: float) -> torch.Tensor:
     """``(Σ_window x^p)^(1/p)``, scaled by each window's largest ``|x|`` (see ``csrc/reductions.cpp``)."""
-    return _ops.lp_forward.default(x, list(output_size), float(norm_type))
+    return _kernels.lp_forward(x, list(output_size), float(norm_type))
 
 
 def lp_backward(grad_out: torch.Tensor, x: torch.Tensor, norm_type: float) -> torch.Tensor:
     """Gradient of :func:`lp_forward` with respect to ``x`` (a gather, deterministic)."""
-    return _ops.lp_backward.default(grad_out, x, float(norm_type))
+    return _kernels.lp_backward(grad_out, x, float(norm_type))
 
 
 def gem_forward(x: torch.Tensor, output_size, p: float, eps: float) -> torch.Tensor:
     """``(mean_window max(x, eps)^p)^(1/p)``, scaled by each window's maximum."""
-    return _ops.gem_forward.default(x, list(output_size), float(p), float(eps))
+    return _kernels.gem_forward(x, list(output_size), float(p), float(eps))
 
 
 def gem_backward(grad_out: torch.Tensor, x: torch.Tensor, p: float, eps: float, p_grad: bool):
     """``(grad x, grad p)``: grad p a float64 0-d tensor (``None`` unless ``p_grad``), summed in a fixed order."""
-    gin, per_output = _ops.gem_backward.default(grad_out, x, float(p), float(eps), bool(p_grad))
+    gin, per_output = _kernels.gem_backward(grad_out, x, float(p), float(eps), bool(p_grad))
     return gin, (per_output.sum() if p_grad else None)
 
 
 def avgmax_forward(x: torch.Tensor, output_size, combine: bool):
     """``(avg, max, argmax)`` of each window from one pass; with ``combine`` the first is ``0.5·(avg + max)``."""
-    return _ops.avgmax_forward.default(x, list(output_size), bool(combine))
+    return _kernels.avgmax_forward(x, list(output_size), bool(combine))
 
 
 def avgmax_backward(grad_avg: torch.Tensor, grad_max: torch.Tensor, indices: torch.Tensor, input_size):
     """Avg backward of ``grad_avg`` plus max backward of ``grad_max`` at ``indices``, in one gather."""
-    return _ops.avgmax_backward.default(grad_avg, grad_max, indices, [int(s) for s in input_size])
+    return _kernels.avgmax_backward(grad_avg, grad_max, indices, [int(s) for s in input_size])

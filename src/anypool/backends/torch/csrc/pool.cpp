@@ -25,7 +25,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -35,6 +34,7 @@
 
 #include "bins.h"
 #include "common.h"
+#include "ops.h"
 
 namespace anypool {
 namespace {
@@ -658,7 +658,9 @@ void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p
   });
 }
 
-// ---- the ops ------------------------------------------------------------------------------
+}  // namespace
+
+// ---- the ops (ops.h) ----------------------------------------------------------------------
 
 #define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
@@ -742,21 +744,4 @@ std::vector<int64_t> bin_at(int64_t k, int64_t L, int64_t O) {
   return {bin_start(k, L, O), bin_end(k, L, O), cover_first(k, L, O), cover_last(k, L, O)};
 }
 
-}  // namespace
 }  // namespace anypool
-
-TORCH_LIBRARY(anypool_cpu, m) {
-  m.def("avg_forward(Tensor x, int[] output_size, Tensor? sizes=None) -> Tensor");
-  m.def("avg_backward(Tensor grad_out, int[] input_size, Tensor? sizes=None) -> Tensor");
-  m.def("max_forward(Tensor x, int[] output_size, Tensor? sizes=None) -> (Tensor, Tensor)");
-  m.def("max_backward(Tensor grad_out, Tensor indices, int[] input_size, Tensor? sizes=None) -> Tensor");
-  m.def("bins(int L, int O) -> Tensor", &anypool::bins);
-  m.def("bin_at(int k, int L, int O) -> int[]", &anypool::bin_at);
-}
-
-TORCH_LIBRARY_IMPL(anypool_cpu, CPU, m) {
-  m.impl("avg_forward", &anypool::avg_forward);
-  m.impl("avg_backward", &anypool::avg_backward);
-  m.impl("max_forward", &anypool::max_forward);
-  m.impl("max_backward", &anypool::max_backward);
-}

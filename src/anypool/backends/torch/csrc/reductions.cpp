@@ -20,12 +20,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
 #include "common.h"
+#include "ops.h"
 
 namespace anypool {
 namespace {
@@ -446,7 +446,11 @@ void avgmax_backward_kernel(const T* ga, const T* gm, const int64_t* gi, T* gin,
   });
 }
 
-// ---- the ops ------------------------------------------------------------------------------
+}  // namespace
+
+// ---- the ops (ops.h) ----------------------------------------------------------------------
+
+namespace {
 
 Tensor power_forward(const Tensor& x, at::IntArrayRef output_size, double pw, double eps, bool gem) {
   check(x, output_size, "output_size");
@@ -465,6 +469,8 @@ Tensor power_forward(const Tensor& x, at::IntArrayRef output_size, double pw, do
   return out;
 }
 
+}  // namespace
+
 Tensor lp_forward(const Tensor& x, at::IntArrayRef output_size, double norm_type) {
   return power_forward(x, output_size, norm_type, 0.0, false);
 }
@@ -472,6 +478,8 @@ Tensor lp_forward(const Tensor& x, at::IntArrayRef output_size, double norm_type
 Tensor gem_forward(const Tensor& x, at::IntArrayRef output_size, double pw, double eps) {
   return power_forward(x, output_size, pw, eps, true);
 }
+
+namespace {
 
 // (grad x, per-output contributions to grad p in float64 — empty unless p_grad)
 std::tuple<Tensor, Tensor> power_backward(const Tensor& grad_out, const Tensor& x, double pw, double eps, bool gem,
@@ -497,6 +505,8 @@ std::tuple<Tensor, Tensor> power_backward(const Tensor& grad_out, const Tensor& 
   });
   return {gin, pg};
 }
+
+}  // namespace
 
 Tensor lp_backward(const Tensor& grad_out, const Tensor& x, double norm_type) {
   return std::get<0>(power_backward(grad_out, x, norm_type, 0.0, false, false));
@@ -539,23 +549,4 @@ Tensor avgmax_backward(const Tensor& grad_avg, const Tensor& grad_max, const Ten
   return gin;
 }
 
-}  // namespace
 }  // namespace anypool
-
-TORCH_LIBRARY_FRAGMENT(anypool_cpu, m) {
-  m.def("lp_forward(Tensor x, int[] output_size, float norm_type) -> Tensor");
-  m.def("lp_backward(Tensor grad_out, Tensor x, float norm_type) -> Tensor");
-  m.def("gem_forward(Tensor x, int[] output_size, float p, float eps) -> Tensor");
-  m.def("gem_backward(Tensor grad_out, Tensor x, float p, float eps, bool p_grad) -> (Tensor, Tensor)");
-  m.def("avgmax_forward(Tensor x, int[] output_size, bool combine) -> (Tensor, Tensor, Tensor)");
-  m.def("avgmax_backward(Tensor grad_avg, Tensor grad_max, Tensor indices, int[] input_size) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(anypool_cpu, CPU, m) {
-  m.impl("lp_forward", &anypool::lp_forward);
-  m.impl("lp_backward", &anypool::lp_backward);
-  m.impl("gem_forward", &anypool::gem_forward);
-  m.impl("gem_backward", &anypool::gem_backward);
-  m.impl("avgmax_forward", &anypool::avgmax_forward);
-  m.impl("avgmax_backward", &anypool::avgmax_backward);
-}
