@@ -10,9 +10,13 @@
 // rows (d, h) of a window are reduced into one row buffer along W*K (contiguous,
 // vectorised), then each window of that row along W.  Work items are output rows
 // (b, a, b') times blocks of kBlock channels, so a batch of one still splits across threads.
+// Where measured faster, windows of at most kSmallWindow elements are read straight from the
+// input instead, and a channels_last float max runs in 16-channel vectors (max_vector_kernel).
 // Half types are read into float (at::opmath_type), accumulated there and rounded once.
-// Backward passes are gathers: each input row is written by one item from the outputs
-// covering it, summed in output order — no atomics, bitwise identical for any thread count.
+// Avg backward is a gather: each input row is written by one item from the outputs covering it,
+// summed in output order.  Max backward scatters each output's gradient to its argmax, each task
+// over a disjoint part of the gradient, in the same order.  Neither uses atomics: the results
+// are bitwise identical for any thread count.
 // Max: the first maximum in row-major order wins; a window holding NaN reports its last
 // NaN; indices are int64 flat offsets into the spatial plane.
 // Padded batches: an optional int64 `sizes` (N, 2k) gives per sample the valid input lengths
