@@ -193,6 +193,30 @@ def test_large_p_does_not_overflow(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_power_means_at_the_ends_of_the_float32_range(impl, channels_last):
+    """Windows whose largest |x| is near float32's maximum or subnormal (the kernels scale each window
+    by a power of two there: its reciprocal must stay finite and the result must not overflow),
+    whole planes (one contiguous span) and row blocks, against the float64 reference."""
+    rng = np.random.default_rng(8)
+    for top in (3e38, 1e-40, 1.0):
+        x = (rng.uniform(0.25, 1.0, (2, 3, 6, 5)) * top).astype(np.float32).astype(np.float64)
+        t = torch.from_numpy(x).float()
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        for out in (1, (2, 1), (3, 2)):
+            spec = anypool._args.pool_spec(x.shape, out, 2)
+            with ops.force_implementation(impl):
+                got = {"lp": anypool.adaptive_lp_pool2d(t, 2.0, out), "gem": anypool.adaptive_gem_pool2d(t, out, 3.0, 1e-45)}
+            want = {"lp": reference.lp_pool(x, spec, 2.0), "gem": reference.gem_pool(x, spec, 3.0, 1e-45)}
+            assert torch.isfinite(got["gem"]).all(), (top, out)  # a mean: never above the window's maximum
+            for name in got:  # LP overflows where its float64 value exceeds float32's range, and only there
+                # within float32's rounding, and a few of its subnormal spacings absolutely
+                np.testing.assert_allclose(got[name].double().numpy(), want[name].astype(np.float32), rtol=1e-6,
+                                           atol=8 * 2.0**-149, err_msg=f"{name} top={top} out={out}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_special_windows(impl):
     x = torch.tensor([[[1.0, math.inf, 2.0, 3.0], [1.0, math.nan, 2.0, 3.0], [-math.inf, 1.0, 2.0, 3.0],
                        [0.0, 0.0, 0.0, 0.0]]], dtype=torch.float32)

@@ -2,6 +2,7 @@
 // buffer of a logical (N, C, *S) tensor, its windows (per sample with `sizes`), and the
 // work-item helpers; the layout rules are described atop pool.cpp.
 #pragma once
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -16,6 +17,10 @@
 #include <vector>
 
 #include "bins.h"
+
+// The dtypes every kernel serves: float, double and the half types (accumulated in float).
+#define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace anypool {
 namespace common {

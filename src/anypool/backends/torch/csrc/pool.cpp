@@ -666,9 +666,6 @@ void max_backward_kernel(const T* g, const int64_t* gi, T* gin, const Problem& p
 
 // ---- the ops (ops.h) ----------------------------------------------------------------------
 
-#define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 Tensor avg_forward(const Tensor& x, at::IntArrayRef output_size, const std::optional<Tensor>& sizes) {
   check(x, output_size, "output_size");
   const bool cl = channels_last(x);

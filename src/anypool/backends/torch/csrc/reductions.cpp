@@ -4,16 +4,17 @@
 // Same buffers as pool.cpp (common.h): the logical (N, C, *S) tensor as (B, D, H, W, K),
 // results in its memory format.  Half types are read into float, accumulated there, rounded once.
 //
-// A power mean is computed as m·(Σ (t/m)^p)^(1/p) with m = max |t| over the window, so no term
-// exceeds 1: a large p neither overflows nor (for the window's largest terms) underflows.  A
-// window with m = inf is (Σ_{|t|=inf} t^p)^(1/p) (the finite terms cannot matter), m = NaN is NaN.
-// Each window is read twice (its maximum, then the powers), from cache.
+// A power mean is computed as s·(Σ (t/s)^p)^(1/p) with s the power of two just above the window's
+// m = max |t|, so no term exceeds 1: a large p neither overflows nor (for the window's largest
+// terms) underflows, and t/s is an exact product.  A window with m = inf is (Σ_{|t|=inf} t^p)^(1/p)
+// (the finite terms cannot matter), m = NaN is NaN.  Each window is read twice (its maximum, then
+// the powers), from cache.
 //
 // Backward passes are gathers, as in pool.cpp: one pass over the outputs computes each
 // window's coefficient, then each input row is written by one work item from the outputs
 // covering it, in output order — no atomics, bitwise identical for any thread count.
-//   LP:  dy/dx_i = y · u_i^(p-1) / (m·T)            (u = x/m, T = Σ u^p; 0 where T = 0, as torch)
-//   GeM: dy/dx_i = y · u_i^(p-1) / (m·T) · [x_i >= eps]    (u = max(x, eps)/m; n = window size),
+//   LP:  dy/dx_i = y · u_i^(p-1) / (s·T)            (u = x/s, T = Σ u^p; 0 where T = 0, as torch)
+//   GeM: dy/dx_i = y · u_i^(p-1) / (s·T) · [x_i >= eps]    (u = max(x, eps)/s; n = window size),
 //        dy/dp   = (y/p) · (Σ u^p ln u / T - ln(T/n) / p)   (summed over outputs in float64).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,9 +33,6 @@ namespace {
 
 using at::Tensor;
 using namespace common;
-
-#define ANYPOOL_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // u^p with the small integer powers as products (IP = p; 0: any p, std::pow).
 template <int IP, typename V>
@@ -69,76 +67,95 @@ inline void window(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t 
     }
 }
 
-// window_sums of a planar window (K == 1): over contiguous row spans, with independent lanes
-// folded by halving, so the loops vectorise.  The maximum skips NaN (it never compares greater);
-// a NaN term then makes the total NaN, as the sticky maximum of the channels_last loop does.
-template <typename acc_t, typename T, typename Clamp>
-inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, Clamp&& clamp) {
+// Calls f(offset, length) for the contiguous spans of planar window (a, b, c), in row-major order:
+// a window spanning whole rows (a global pool: the whole plane) is one span per plane or per
+// block of rows, so its loops vectorise over more than one row's few elements.
+template <typename F>
+inline void planar_spans(const Problem& p, int64_t a, int64_t b, int64_t c, F&& f) {
   const Axis &D = p.d, &H = p.h, &W = p.w;
-  acc_t m[kLanes] = {};  // every t here is >= 0 (|x|, or clamped to eps > 0)
+  if (W.size(c) == W.L && H.size(b) == H.L) return f(D.start[a] * H.L * W.L, D.size(a) * H.L * W.L);
+  if (W.size(c) == W.L) {
+    for (int64_t d = D.start[a]; d < D.end[a]; ++d) f((d * H.L + H.start[b]) * W.L, H.size(b) * W.L);
+    return;
+  }
   for (int64_t d = D.start[a]; d < D.end[a]; ++d)
-    for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
-      const T* __restrict__ v = xn + (d * H.L + h) * W.L + W.start[c];
-      const int64_t n = W.size(c);
-      int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const acc_t t = clamp(static_cast<acc_t>(v[i + l]));
-          m[l] = t > m[l] ? t : m[l];
-        }
-      for (; i < n; ++i) {
-        const acc_t t = clamp(static_cast<acc_t>(v[i]));
-        m[0] = t > m[0] ? t : m[0];
+    for (int64_t h = H.start[b]; h < H.end[b]; ++h) f((d * H.L + h) * W.L + W.start[c], W.size(c));
+}
+
+// The reciprocal 2^-e of a window's scale 2^e, m < 2^e <= 2m for its largest term m (1 when m is
+// 0, inf or NaN): multiplying by it is exact, and u = t·2^-e < 1.  Below the normal range the
+// scale stays at the smallest normal exponent, so that 2^-e is finite.
+template <typename acc_t>
+inline acc_t inverse_scale(acc_t m) {
+  if (!(std::isfinite(m) && m > 0)) return acc_t(1);
+  int e;
+  std::frexp(m, &e);
+  return std::ldexp(acc_t(1), -std::max(e, std::numeric_limits<acc_t>::min_exponent));
+}
+
+// The largest term t of a planar window (K == 1), with independent lanes folded by halving, so
+// the loops vectorise.  It skips NaN (NaN never compares greater); a NaN term then makes the
+// total NaN, as the sticky maximum of the channels_last loop does.
+template <typename acc_t, typename T, typename Term>
+inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, Term&& term) {
+  acc_t m[kLanes] = {};  // every t here is >= 0 (|x|, or clamped to eps > 0)
+  planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
+    const T* __restrict__ v = xn + offset;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t t = term(static_cast<acc_t>(v[i + l]));
+        m[l] = t > m[l] ? t : m[l];
       }
+    for (; i < n; ++i) {
+      const acc_t t = term(static_cast<acc_t>(v[i]));
+      m[0] = t > m[0] ? t : m[0];
     }
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) m[l] = m[l + w] > m[l] ? m[l + w] : m[l];
-  return m[0];
+  });
+  return fold(m, [](acc_t x, acc_t y) { return y > x ? y : x; });
+}
+
+// Σ u^p (and, with LOG, Σ u^p ln u) over the terms of a planar window, u = t·inv; `keep(t)`
+// picks the terms (all of them unless the window's maximum is inf).
+template <int IP, bool LOG, typename acc_t, typename T, typename Term, typename Keep>
+inline void planar_powers(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, acc_t pw, acc_t inv,
+                          Term&& term, Keep&& keep, acc_t* total, acc_t* logs) {
+  acc_t s[kLanes] = {}, g[kLanes] = {};
+  const auto add = [&](int l, acc_t x) {
+    const acc_t t = term(x), u = t * inv, power_u = power<IP>(u, pw);
+    s[l] += keep(t) ? power_u : acc_t(0);
+    if (LOG) g[l] += keep(t) ? power_u * std::log(u) : acc_t(0);
+  };
+  planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
+    const T* __restrict__ v = xn + offset;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) add(l, static_cast<acc_t>(v[i + l]));
+    for (int l = 0; i < n; ++i, ++l) add(l, static_cast<acc_t>(v[i]));
+  });
+  const auto plus = [](acc_t x, acc_t y) { return x + y; };
+  total[0] = fold(s, plus);
+  if (LOG) logs[0] = fold(g, plus);
 }
 
 template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
 inline void planar_window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, acc_t pw,
-                               acc_t eps, acc_t* scale, acc_t* total, acc_t* logs) {
-  const Axis &D = p.d, &H = p.h, &W = p.w;
-  const auto clamp = [eps](acc_t t) { return GEM ? (t < eps ? eps : t) : std::abs(t); };
-  const acc_t m = planar_max<acc_t>(xn, p, a, b, c, clamp);
-  const bool inf = std::isinf(m);
-  const acc_t sc = (std::isfinite(m) && m > 0) ? m : acc_t(1);
-  acc_t s[kLanes] = {}, g[kLanes] = {};
-  const auto add = [&](int l, acc_t t) {
-    if (GEM) t = t < eps ? eps : t;
-    const acc_t u = t / sc;
-    const acc_t term = power<IP>(u, pw);
-    // m = inf: only the infinite terms count (a NaN term, not finite either, still does)
-    const bool skip = inf && (t - t == 0);
-    s[l] += skip ? acc_t(0) : term;
-    if (LOG) g[l] += skip ? acc_t(0) : term * std::log(u);
-  };
-  for (int64_t d = D.start[a]; d < D.end[a]; ++d)
-    for (int64_t h = H.start[b]; h < H.end[b]; ++h) {
-      const T* __restrict__ v = xn + (d * H.L + h) * W.L + W.start[c];
-      const int64_t n = W.size(c);
-      int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) add(l, static_cast<acc_t>(v[i + l]));
-      for (int l = 0; i < n; ++i, ++l) add(l, static_cast<acc_t>(v[i]));
-    }
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) {
-      s[l] += s[l + w];
-      if (LOG) g[l] += g[l + w];
-    }
-  scale[0] = sc;
-  total[0] = s[0];
-  if (LOG) logs[0] = g[0];
+                               acc_t eps, acc_t* inv, acc_t* total, acc_t* logs) {
+  const auto term = [eps](acc_t t) { return GEM ? (t < eps ? eps : t) : t; };
+  const acc_t m = planar_max<acc_t>(xn, p, a, b, c, [&](acc_t t) { return GEM ? term(t) : std::abs(t); });
+  inv[0] = inverse_scale(m);
+  if (std::isinf(m))  // only the infinite terms count (a NaN term, not finite either, still does)
+    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term, [](acc_t t) { return !(t - t == 0); }, total, logs);
+  else
+    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term, [](acc_t) { return true; }, total, logs);
 }
 
-// The scaled sums of one window, per channel: scale (m where finite and > 0, else 1), T = Σ u^p
-// (u = t / scale, terms restricted to |t| = inf when m = inf) and, with LOG, Σ u^p ln u.
+// The scaled sums of one window, per channel: inv (inverse_scale of its largest |t|), T = Σ u^p
+// (u = t·inv, terms restricted to |t| = inf when that is the largest) and, with LOG, Σ u^p ln u.
 template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
 inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, int64_t nk, acc_t pw,
-                        acc_t eps, acc_t* scale, acc_t* total, acc_t* logs) {
-  if (p.K == 1) return planar_window_sums<GEM, IP, LOG>(xn, p, a, b, c, pw, eps, scale, total, logs);
+                        acc_t eps, acc_t* inv, acc_t* total, acc_t* logs) {
+  if (p.K == 1) return planar_window_sums<GEM, IP, LOG>(xn, p, a, b, c, pw, eps, inv, total, logs);
   acc_t m[kBlock];
   for (int64_t k = 0; k < nk; ++k) m[k] = 0;
   window(xn, p, a, b, c, [&](const T* v, int64_t) {
@@ -148,22 +165,35 @@ inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int
       m[k] = (t > m[k] || is_nan(t)) ? t : m[k];
     }
   });
-  bool inf[kBlock];
+  bool any_inf = false;
   for (int64_t k = 0; k < nk; ++k) {
-    inf[k] = std::isinf(m[k]);
-    scale[k] = (std::isfinite(m[k]) && m[k] > 0) ? m[k] : acc_t(1);
+    any_inf |= std::isinf(m[k]);
+    inv[k] = inverse_scale(m[k]);
     total[k] = 0;
     if (LOG) logs[k] = 0;
+  }
+  // The block's windows without an infinite maximum (nearly always: one branch per window, not
+  // per term, so the loop over channels vectorises), then the general loop.
+  if (!any_inf) {
+    window(xn, p, a, b, c, [&](const T* v, int64_t) {
+      for (int64_t k = 0; k < nk; ++k) {
+        acc_t t = static_cast<acc_t>(v[k]);
+        if (GEM) t = t < eps ? eps : t;
+        const acc_t u = t * inv[k], power_u = power<IP>(u, pw);
+        total[k] += power_u;
+        if (LOG) logs[k] += power_u * std::log(u);
+      }
+    });
+    return;
   }
   window(xn, p, a, b, c, [&](const T* v, int64_t) {
     for (int64_t k = 0; k < nk; ++k) {
       acc_t t = static_cast<acc_t>(v[k]);
       if (GEM) t = t < eps ? eps : t;
-      const acc_t u = t / scale[k];
-      const acc_t term = power<IP>(u, pw);
-      const bool skip = inf[k] & !std::isinf(t);
-      total[k] += skip ? acc_t(0) : term;
-      if (LOG) logs[k] += skip ? acc_t(0) : term * std::log(u);
+      const acc_t u = t * inv[k], power_u = power<IP>(u, pw);
+      const bool skip = std::isinf(m[k]) & !std::isinf(t);
+      total[k] += skip ? acc_t(0) : power_u;
+      if (LOG) logs[k] += skip ? acc_t(0) : power_u * std::log(u);
     }
   });
 }
@@ -176,24 +206,24 @@ void power_forward_kernel(const T* x, T* y, const Problem& p, double pw_, double
   const int64_t KB = p.blocks(), items = p.B * D.O * H.O * KB;
   const int64_t per_item = std::max<int64_t>(1, 2 * D.L * H.L * p.in_row() / (D.O * H.O * KB));
   at::parallel_for(0, items, grain(per_item), [&](int64_t lo, int64_t hi) {
-    acc_t scale[kBlock], total[kBlock];
+    acc_t inv[kBlock], total[kBlock];
     for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
       const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
       const T* xn = x + n * D.L * H.L * p.in_row() + k0;
       T* out = y + ((n * D.O + a) * H.O + b) * p.out_row() + k0;
       for (int64_t c = 0; c < W.O; ++c) {
-        window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, scale, total, static_cast<acc_t*>(nullptr));
+        window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, inv, total, static_cast<acc_t*>(nullptr));
         const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
         for (int64_t k = 0; k < nk; ++k) {
           const acc_t s = GEM ? total[k] / count : total[k];
-          out[c * p.K + k] = static_cast<T>(scale[k] * std::pow(s, root));
+          out[c * p.K + k] = static_cast<T>(std::pow(s, root) / inv[k]);
         }
       }
     });
   });
 }
 
-// Backward: coefficients per output (coef = g·y/(m·T) [/n], scale = m), then the gather.
+// Backward: coefficients per output (coef = g·y·inv/T [/n], and inv), then the gather.
 template <bool GEM, int IP, typename T>
 void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Problem& p, double pw_, double eps_) {
   using acc_t = at::opmath_type<T>;
@@ -201,25 +231,25 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
   const Axis &D = p.d, &H = p.h, &W = p.w;
   const int64_t KB = p.blocks();
   const int64_t outputs = p.B * D.O * H.O * p.out_row();
-  std::vector<acc_t> coef(outputs), scales(outputs);
+  std::vector<acc_t> coef(outputs), invs(outputs);
   const int64_t per_item = std::max<int64_t>(1, 2 * D.L * H.L * p.in_row() / (D.O * H.O * KB));
   at::parallel_for(0, p.B * D.O * H.O * KB, grain(per_item), [&](int64_t lo, int64_t hi) {
-    acc_t scale[kBlock], total[kBlock], logs[kBlock];
+    acc_t inv[kBlock], total[kBlock], logs[kBlock];
     for_items(lo, hi, D.O, H.O, KB, [&](int64_t n, int64_t a, int64_t b, int64_t kb) {
       const int64_t k0 = kb * kBlock, nk = std::min(p.K - k0, kBlock);
       const T* xn = x + n * D.L * H.L * p.in_row() + k0;
       const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
       for (int64_t c = 0; c < W.O; ++c) {
-        if (gp) window_sums<GEM, IP, true>(xn, p, a, b, c, nk, pw, eps, scale, total, logs);
-        else window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, scale, total, logs);
+        if (gp) window_sums<GEM, IP, true>(xn, p, a, b, c, nk, pw, eps, inv, total, logs);
+        else window_sums<GEM, IP, false>(xn, p, a, b, c, nk, pw, eps, inv, total, logs);
         const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
         for (int64_t k = 0; k < nk; ++k) {
           const int64_t o = o0 + c * p.K + k;
           const acc_t gk = static_cast<acc_t>(g[o]);
           const acc_t s = GEM ? total[k] / count : total[k];
-          const acc_t yk = scale[k] * std::pow(s, root);
-          coef[o] = total[k] == 0 ? acc_t(0) : gk * yk / (scale[k] * total[k]);
-          scales[o] = scale[k];
+          const acc_t yk = std::pow(s, root) / inv[k];
+          coef[o] = total[k] == 0 ? acc_t(0) : gk * yk * inv[k] / total[k];
+          invs[o] = inv[k];
           if (gp) gp[o] = static_cast<double>(gk) * static_cast<double>(yk) / pw_ *
                           (static_cast<double>(logs[k]) / static_cast<double>(total[k]) -
                            std::log(static_cast<double>(s)) / pw_);
@@ -233,10 +263,10 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
       for (int64_t r = lo; r < hi; ++r) {
         const T* __restrict__ xr = x + r * L;
         T* __restrict__ out = gin + r * L;
-        const acc_t cf = coef[r], sc = scales[r];
+        const acc_t cf = coef[r], inv = invs[r];
         for (int64_t i = 0; i < L; ++i) {
           const acc_t t = static_cast<acc_t>(xr[i]);
-          const acc_t v = acc_t(0) + cf * power<IP == 0 ? 0 : IP - 1>((GEM && t < eps ? eps : t) / sc, pw - acc_t(1));
+          const acc_t v = acc_t(0) + cf * power<IP == 0 ? 0 : IP - 1>((GEM && t < eps ? eps : t) * inv, pw - acc_t(1));
           out[i] = static_cast<T>(!GEM || !(t < eps) ? v : acc_t(0));
         }
       }
@@ -260,7 +290,7 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
                 acc_t t = static_cast<acc_t>(xr[i * p.K + k]);
                 if (GEM) t = t < eps ? eps : t;
                 const int64_t o = o0 + c * p.K + k;
-                const acc_t u = t / scales[o];
+                const acc_t u = t * invs[o];
                 acc[i * nk + k] += coef[o] * power<IP == 0 ? 0 : IP - 1>(u, pw - acc_t(1));
               }
         }
@@ -326,9 +356,7 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
       const int64_t o0 = ((n * D.O + a) * H.O + b) * W.O;
       for (int64_t c = 0; c < W.O; ++c) {
         acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t d = D.start[a]; d < D.end[a]; ++d)
-          for (int64_t h = H.start[b]; h < H.end[b]; ++h)
-            span_sum_max(xn + (d * H.L + h) * W.L + W.start[c], W.size(c), sum, best);
+        planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) { span_sum_max(xn + offset, n, sum, best); });
         int64_t where = -1;  // PyTorch's pick, in row-major order
         if (is_nan(sum))  // a NaN, or inf - inf
           for (int64_t d = D.end[a] - 1; d >= D.start[a] && where < 0; --d)
@@ -337,11 +365,11 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
               where = i < 0 ? -1 : r + i;
             }
         // no NaN: the first maximum (an all -inf window's first -inf; the maximum skipped only NaN)
-        for (int64_t d = D.start[a]; d < D.end[a] && where < 0; ++d)
-          for (int64_t h = H.start[b]; h < H.end[b] && where < 0; ++h) {
-            const int64_t r = (d * H.L + h) * W.L + W.start[c], i = find_equal<acc_t>(xn + r, W.size(c), best);
-            where = i < 0 ? -1 : r + i;
-          }
+        if (where < 0)
+          planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
+            const int64_t i = where < 0 ? find_equal<acc_t>(xn + offset, n, best) : -1;
+            if (i >= 0) where = offset + i;
+          });
         const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
         const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
         ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
