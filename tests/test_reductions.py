@@ -207,7 +207,8 @@ def test_power_means_at_the_ends_of_the_float32_range(impl, channels_last):
         for out in (1, (2, 1), (3, 2)):
             spec = anypool._args.pool_spec(x.shape, out, 2)
             with ops.force_implementation(impl):
-                got = {"lp": anypool.adaptive_lp_pool2d(t, 2.0, out), "gem": anypool.adaptive_gem_pool2d(t, out, 3.0, 1e-45)}
+                got = {"lp": anypool.adaptive_lp_pool2d(t, 2.0, out),
+                       "gem": anypool.adaptive_gem_pool2d(t, out, 3.0, 1e-45)}
             want = {"lp": reference.lp_pool(x, spec, 2.0), "gem": reference.gem_pool(x, spec, 3.0, 1e-45)}
             assert torch.isfinite(got["gem"]).all(), (top, out)  # a mean: never above the window's maximum
             for name in got:  # LP overflows where its float64 value exceeds float32's range, and only there
