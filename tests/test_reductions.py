@@ -141,6 +141,27 @@ def test_torch_matches_reference(impl):
     assert report.cases == 4 * len(cases)
 
 
+def test_native_composites_match_reference():
+    """The harness's torch-native column on the reductions: the composites models write with torch's own
+    ops (timm's avgmax and catavgmax, GeM's clamp-pow-avg-pow, ``F.lp_pool`` on fixed windows) agree with
+    the reference on random cases, padded batches (one call per crop) included."""
+    report = _harness.check(_harness.torch_native_column(), _harness.random_cases(300, seed=41, valid=0.2),
+                            ops=_harness.REDUCTIONS, min_share=0.0)
+    _report_clean(report)
+    assert report.cases > 300  # float32/float64 cases of every reduction, LP on fixed windows only
+
+
+@pytest.mark.xfail(strict=True, reason="open: LP of a window holding inf counts only the infinite terms, so a "
+                   "negative finite term with a non-integer p (NaN in torch's pow) does not make it NaN")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lp_of_inf_and_a_negative_is_nan_as_torch(impl):
+    x = torch.tensor([[[math.inf, -2.0, 1.0, 3.0]]])
+    want = F.lp_pool1d(x, 2.5, 4)  # NaN: (-2)^2.5
+    with ops.force_implementation(impl):
+        got = anypool.adaptive_lp_pool1d(x, 2.5, 1)
+    assert torch.isnan(want).all() and torch.isnan(got).all(), got
+
+
 def test_harness_fails_wrong_reductions():
     """Each column below is wrong in one way the bound must catch."""
     from anypool.backends import torch as torch_backend
