@@ -151,6 +151,23 @@ def test_native_composites_match_reference():
     assert report.cases > 300  # float32/float64 cases of every reduction, LP on fixed windows only
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_planar_global_power_means_in_blocks_of_planes(dtype):
+    """Planar global pools of small planes go through the C++ kernels' blocks of 64 transposed planes:
+    140 planes (two full blocks and a part), against the reference, NaN and inf included."""
+    rng = np.random.default_rng(21)
+    x = np.abs(rng.standard_normal((2, 70, 7, 7))) * 4
+    x.reshape(-1)[rng.choice(x.size, 40)] = np.inf
+    x.reshape(-1)[rng.choice(x.size, 40)] = np.nan
+    x = _to_torch(x, dtype).double().numpy()  # exactly representable
+    spec = anypool._args.pool_spec(x.shape, 1, 2)
+    with ops.force_implementation("anypool.backends.torch.cpu"):
+        lp = anypool.adaptive_lp_pool2d(_to_torch(x, dtype), 3.0, 1)
+        gem = anypool.adaptive_gem_pool2d(_to_torch(x, dtype), 1, p=2.7, eps=0.5)
+    _assert_within(lp.double().numpy(), reference.lp_pool(x, spec, 3.0), dtype, 49, "lp")
+    _assert_within(gem.double().numpy(), reference.gem_pool(x, spec, 2.7, 0.5), dtype, 49, "gem")
+
+
 @pytest.mark.xfail(strict=True, reason="open: LP of a window holding inf counts only the infinite terms, so a "
                    "negative finite term with a non-integer p (NaN in torch's pow) does not make it NaN")
 @pytest.mark.parametrize("impl", IMPLS)

@@ -98,7 +98,8 @@ inline acc_t inverse_scale(acc_t m) {
 // total NaN, as the sticky maximum of the channels_last loop does.
 template <typename acc_t, typename T, typename Term>
 inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, Term&& term) {
-  acc_t m[kLanes] = {};  // every t here is >= 0 (|x|, or clamped to eps > 0)
+  // (the tails in a scalar of their own: lanes indexed only by constants stay in registers)
+  acc_t m[kLanes] = {}, tail = 0;  // every t here is >= 0 (|x|, or clamped to eps > 0)
   planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
     const T* __restrict__ v = xn + offset;
     int64_t i = 0;
@@ -109,10 +110,11 @@ inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int
       }
     for (; i < n; ++i) {
       const acc_t t = term(static_cast<acc_t>(v[i]));
-      m[0] = t > m[0] ? t : m[0];
+      tail = t > tail ? t : tail;
     }
   });
-  return fold(m, [](acc_t x, acc_t y) { return y > x ? y : x; });
+  const acc_t lanes = fold(m, [](acc_t x, acc_t y) { return y > x ? y : x; });
+  return tail > lanes ? tail : lanes;
 }
 
 // Σ u^p (and, with LOG, Σ u^p ln u) over the terms of a planar window, u = t·inv; `keep(t)`
@@ -120,22 +122,22 @@ inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int
 template <int IP, bool LOG, typename acc_t, typename T, typename Term, typename Keep>
 inline void planar_powers(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, acc_t pw, acc_t inv,
                           Term&& term, Keep&& keep, acc_t* total, acc_t* logs) {
-  acc_t s[kLanes] = {}, g[kLanes] = {};
-  const auto add = [&](int l, acc_t x) {
+  acc_t s[kLanes] = {}, g[kLanes] = {}, s_tail = 0, g_tail = 0;
+  const auto add = [&](acc_t& sum, acc_t& log_sum, acc_t x) {
     const acc_t t = term(x), u = t * inv, power_u = power<IP>(u, pw);
-    s[l] += keep(t) ? power_u : acc_t(0);
-    if (LOG) g[l] += keep(t) ? power_u * std::log(u) : acc_t(0);
+    sum += keep(t) ? power_u : acc_t(0);
+    if (LOG) log_sum += keep(t) ? power_u * std::log(u) : acc_t(0);
   };
   planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
     const T* __restrict__ v = xn + offset;
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) add(l, static_cast<acc_t>(v[i + l]));
-    for (int l = 0; i < n; ++i, ++l) add(l, static_cast<acc_t>(v[i]));
+      for (int l = 0; l < kLanes; ++l) add(s[l], g[l], static_cast<acc_t>(v[i + l]));
+    for (; i < n; ++i) add(s_tail, g_tail, static_cast<acc_t>(v[i]));  // (see planar_max)
   });
   const auto plus = [](acc_t x, acc_t y) { return x + y; };
-  total[0] = fold(s, plus);
-  if (LOG) logs[0] = fold(g, plus);
+  total[0] = fold(s, plus) + s_tail;
+  if (LOG) logs[0] = fold(g, plus) + g_tail;
 }
 
 template <bool GEM, int IP, bool LOG, typename T, typename acc_t>
@@ -198,8 +200,38 @@ inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int
   });
 }
 
+// Planar global windows of few elements (a classifier head's 7x7 planes): kBlock planes at a time
+// are transposed into a channels_last block, so that the loops over channels vectorise across
+// planes instead of each small plane paying its own lanes' set-up and folds.
+constexpr int64_t kTransposedPlane = 256;
+
+template <bool GEM, int IP, typename T>
+void planar_global_power_forward(const T* x, T* y, const Problem& p, double pw_, double eps_) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t pw = static_cast<acc_t>(pw_), eps = static_cast<acc_t>(eps_), root = acc_t(1) / pw;
+  const int64_t L = p.w.L, one = 1;
+  const Problem block = problem(1, kBlock, at::IntArrayRef(&L, 1), at::IntArrayRef(&one, 1), true, false);
+  at::parallel_for(0, ceil_div(p.B, kBlock), grain(kBlock * L), [&](int64_t lo, int64_t hi) {
+    std::vector<T> buffer(L * kBlock);
+    acc_t inv[kBlock], total[kBlock];
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t r0 = blk * kBlock, nk = std::min(kBlock, p.B - r0);
+      for (int64_t k = 0; k < nk; ++k)
+        for (int64_t i = 0; i < L; ++i) buffer[i * kBlock + k] = x[(r0 + k) * L + i];
+      window_sums<GEM, IP, false>(buffer.data(), block, 0, 0, 0, nk, pw, eps, inv, total,
+                                  static_cast<acc_t*>(nullptr));
+      for (int64_t k = 0; k < nk; ++k) {
+        const acc_t s = GEM ? total[k] / acc_t(L) : total[k];
+        y[r0 + k] = static_cast<T>(std::pow(s, root) / inv[k]);
+      }
+    }
+  });
+}
+
 template <bool GEM, int IP, typename T>
 void power_forward_kernel(const T* x, T* y, const Problem& p, double pw_, double eps_) {
+  if (planar_global(p) && p.w.L <= kTransposedPlane)
+    return planar_global_power_forward<GEM, IP>(x, y, p, pw_, eps_);
   using acc_t = at::opmath_type<T>;
   const acc_t pw = static_cast<acc_t>(pw_), eps = static_cast<acc_t>(eps_), root = acc_t(1) / pw;
   const Axis &D = p.d, &H = p.h, &W = p.w;
