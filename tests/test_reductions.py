@@ -168,6 +168,24 @@ def test_planar_global_power_means_in_blocks_of_planes(dtype):
     _assert_within(gem.double().numpy(), reference.gem_pool(x, spec, 2.7, 0.5), dtype, 49, "gem")
 
 
+def test_planar_global_avgmax_in_blocks_of_planes():
+    """avgmax and catavgmax through the blocks of 64 transposed planes: values, and the gradient (so the
+    argmax: ties everywhere, a NaN in some planes) against timm's composite of torch's own ops."""
+    x = torch.randint(-3, 4, (3, 50, 6, 6)).float()
+    x.view(-1)[torch.randperm(x.numel())[:30]] = math.nan
+    with ops.force_implementation("anypool.backends.torch.cpu"):
+        for name, composite in (("avgmax", lambda t: 0.5 * (F.adaptive_avg_pool2d(t, 1) + F.adaptive_max_pool2d(t, 1))),
+                                ("catavgmax", lambda t: torch.cat([F.adaptive_avg_pool2d(t, 1),
+                                                                   F.adaptive_max_pool2d(t, 1)], 1))):
+            ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            got, want = getattr(anypool, f"adaptive_{name}_pool2d")(ours, 1), composite(theirs)
+            torch.testing.assert_close(got, want, equal_nan=True)
+            g = torch.randn_like(want)
+            got.backward(g)
+            want.backward(g)
+            torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
+
+
 @pytest.mark.xfail(strict=True, reason="open: LP of a window holding inf counts only the infinite terms, so a "
                    "negative finite term with a non-integer p (NaN in torch's pow) does not make it NaN")
 @pytest.mark.parametrize("impl", IMPLS)

@@ -205,6 +205,13 @@ inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int
 // planes instead of each small plane paying its own lanes' set-up and folds.
 constexpr int64_t kTransposedPlane = 256;
 
+// block[i * kBlock + k] = planes[k * L + i] for the nk planes of L elements each.
+template <typename T>
+inline void transpose_planes(const T* __restrict__ planes, int64_t L, int64_t nk, T* __restrict__ block) {
+  for (int64_t k = 0; k < nk; ++k)
+    for (int64_t i = 0; i < L; ++i) block[i * kBlock + k] = planes[k * L + i];
+}
+
 template <bool GEM, int IP, typename T>
 void planar_global_power_forward(const T* x, T* y, const Problem& p, double pw_, double eps_) {
   using acc_t = at::opmath_type<T>;
@@ -216,8 +223,7 @@ void planar_global_power_forward(const T* x, T* y, const Problem& p, double pw_,
     acc_t inv[kBlock], total[kBlock];
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t r0 = blk * kBlock, nk = std::min(kBlock, p.B - r0);
-      for (int64_t k = 0; k < nk; ++k)
-        for (int64_t i = 0; i < L; ++i) buffer[i * kBlock + k] = x[(r0 + k) * L + i];
+      transpose_planes(x + r0 * L, L, nk, buffer.data());
       window_sums<GEM, IP, false>(buffer.data(), block, 0, 0, 0, nk, pw, eps, inv, total,
                                   static_cast<acc_t*>(nullptr));
       for (int64_t k = 0; k < nk; ++k) {
@@ -339,6 +345,14 @@ void power_backward_kernel(const T* g, const T* x, T* gin, double* gp, const Pro
 
 // ---- avgmax: mean, max and argmax of each window in one pass -----------------------------
 
+// Output o of avgmax (combine: 0.5·(mean + max)) or catavgmax's two halves, and the argmax.
+template <typename T, typename acc_t>
+inline void write_avgmax(T* ya, T* ym, int64_t* yi, int64_t o, acc_t mean, acc_t best, int64_t where, bool combine) {
+  ya[o] = static_cast<T>(combine ? acc_t(0.5) * (mean + best) : mean);
+  ym[o] = static_cast<T>(best);
+  yi[o] = where;
+}
+
 // Contiguous spans (planar windows): sum and maximum with independent lanes, so they vectorise,
 // folded by halving (a fixed order: the same bits for any thread count); NaN never compares
 // greater, so the maximum skips it and the sum reveals it.  The argmax is then found by a short
@@ -403,17 +417,59 @@ void avgmax_planar_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& 
             if (i >= 0) where = offset + i;
           });
         const acc_t value = static_cast<acc_t>(xn[where]);  // its own value (-0.0 vs 0.0 as torch)
-        const acc_t mean = sum / acc_t(D.size(a) * H.size(b) * W.size(c));
-        ya[o0 + c] = static_cast<T>(combine ? acc_t(0.5) * (mean + value) : mean);
-        ym[o0 + c] = static_cast<T>(value);
-        yi[o0 + c] = where;
+        write_avgmax(ya, ym, yi, o0 + c, sum / acc_t(D.size(a) * H.size(b) * W.size(c)), value, where, combine);
       }
     });
   });
 }
 
+// Sum, maximum and argmax (a flat index: the first maximum in row-major order, or the last NaN,
+// PyTorch's rule) of window (a, b, c) of a channels_last block, nk channels at once.
+template <typename T, typename acc_t>
+inline void window_avgmax(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, int64_t nk, acc_t* sum,
+                          acc_t* best, int64_t* where) {
+  bool first = true;
+  window(xn, p, a, b, c, [&](const T* v, int64_t f) {
+    if (first) {
+      for (int64_t k = 0; k < nk; ++k) sum[k] = best[k] = static_cast<acc_t>(v[k]);
+      std::fill(where, where + nk, f);
+      first = false;
+      return;
+    }
+#pragma omp simd  // (GCC keeps the select chain scalar without it)
+    for (int64_t k = 0; k < nk; ++k) {
+      const acc_t t = static_cast<acc_t>(v[k]);
+      const bool take = (t > best[k]) | is_nan(t);
+      sum[k] += t;
+      best[k] = take ? t : best[k];
+      where[k] = take ? f : where[k];
+    }
+  });
+}
+
+// Planar global windows of few elements, kBlock planes at a time transposed into a channels_last
+// block, as planar_global_power_forward.
+template <typename T>
+void planar_global_avgmax(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t L = p.w.L, one = 1;
+  const Problem block = problem(1, kBlock, at::IntArrayRef(&L, 1), at::IntArrayRef(&one, 1), true, false);
+  at::parallel_for(0, ceil_div(p.B, kBlock), grain(kBlock * L), [&](int64_t lo, int64_t hi) {
+    std::vector<T> buffer(L * kBlock);
+    acc_t sum[kBlock], best[kBlock];
+    int64_t where[kBlock];
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t r0 = blk * kBlock, nk = std::min(kBlock, p.B - r0);
+      transpose_planes(x + r0 * L, L, nk, buffer.data());
+      window_avgmax(buffer.data(), block, 0, 0, 0, nk, sum, best, where);
+      for (int64_t k = 0; k < nk; ++k) write_avgmax(ya, ym, yi, r0 + k, sum[k] / acc_t(L), best[k], where[k], combine);
+    }
+  });
+}
+
 template <typename T>
 void avgmax_forward_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem& p, bool combine) {
+  if (planar_global(p) && p.w.L <= kTransposedPlane) return planar_global_avgmax(x, ya, ym, yi, p, combine);
   if (p.K == 1) return avgmax_planar_kernel(x, ya, ym, yi, p, combine);
   using acc_t = at::opmath_type<T>;
   const Axis &D = p.d, &H = p.h, &W = p.w;
@@ -427,26 +483,10 @@ void avgmax_forward_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem&
       const T* xn = x + n * D.L * H.L * p.in_row() + k0;
       const int64_t o0 = ((n * D.O + a) * H.O + b) * p.out_row() + k0;
       for (int64_t c = 0; c < W.O; ++c) {
-        bool first = true;
-        window(xn, p, a, b, c, [&](const T* v, int64_t f) {
-          for (int64_t k = 0; k < nk; ++k) {
-            const acc_t t = static_cast<acc_t>(v[k]);
-            // in row-major order: the first maximum, or the last NaN (PyTorch's rule)
-            const bool take = first | (t > best[k]) | is_nan(t);
-            sum[k] = first ? t : sum[k] + t;
-            best[k] = take ? t : best[k];
-            where[k] = take ? f : where[k];
-          }
-          first = false;
-        });
+        window_avgmax(xn, p, a, b, c, nk, sum, best, where);
         const acc_t count = acc_t(D.size(a) * H.size(b) * W.size(c));
-        for (int64_t k = 0; k < nk; ++k) {
-          const int64_t o = o0 + c * p.K + k;
-          const acc_t mean = sum[k] / count;
-          ya[o] = static_cast<T>(combine ? acc_t(0.5) * (mean + best[k]) : mean);
-          ym[o] = static_cast<T>(best[k]);
-          yi[o] = where[k];
-        }
+        for (int64_t k = 0; k < nk; ++k)
+          write_avgmax(ya, ym, yi, o0 + c * p.K + k, sum[k] / count, best[k], where[k], combine);
       }
     });
   });
