@@ -579,9 +579,8 @@ def _to_numpy(backend, x) -> np.ndarray:
 def _fixed_kernel(spec: _args.PoolSpec) -> tuple[int, ...] | None:
     """The kernel of the fixed windows that equal the adaptive ones (each input length a multiple of
     its output length), or ``None``."""
-    if all(o and L % o == 0 for L, o in zip(spec.input_size, spec.output_size)):
-        return tuple(L // o for L, o in zip(spec.input_size, spec.output_size))
-    return None
+    pools = [_bins.fixed_pool(L, o) for L, o in zip(spec.input_size, spec.output_size)]
+    return None if None in pools else tuple(kernel for kernel, _ in pools)
 
 
 def torch_native_column() -> Column:
