@@ -186,15 +186,24 @@ def test_planar_global_avgmax_in_blocks_of_planes():
             torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: LP of a window holding inf counts only the infinite terms, so a "
-                   "negative finite term with a non-integer p (NaN in torch's pow) does not make it NaN")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lp_of_inf_and_a_negative_is_nan_as_torch(impl):
-    x = torch.tensor([[[math.inf, -2.0, 1.0, 3.0]]])
-    want = F.lp_pool1d(x, 2.5, 4)  # NaN: (-2)^2.5
-    with ops.force_implementation(impl):
-        got = anypool.adaptive_lp_pool1d(x, 2.5, 1)
-    assert torch.isnan(want).all() and torch.isnan(got).all(), got
+    """A window whose largest |x| is inf counts only its infinite terms, and its NaN ones: a negative x with
+    a non-integer p is NaN in torch's pow, so torch's lp_pool is NaN there, and so is ours.  Planar windows,
+    a global pool (the C++ blocks of planes), channels_last, and the NumPy reference."""
+    row = torch.tensor([math.inf, -2.0, 1.0, 3.0, math.inf, 2.0, 1.0, 3.0, -math.inf, -2.0, 1.0, 3.0])
+    planes = torch.stack([row, row.roll(4), row.abs()]).reshape(1, 3, 2, 6)
+    for x, out, fixed in ((row.reshape(1, 1, 12), (3,), lambda t: F.lp_pool1d(t, 2.5, 4)),
+                          (row[:8].reshape(1, 2, 4), (1,), lambda t: F.lp_pool1d(t, 2.5, 4)),
+                          (planes.to(memory_format=torch.channels_last), (1, 3), lambda t: F.lp_pool2d(t, 2.5, 2))):
+        want = fixed(x)
+        assert torch.isnan(want).any() and not torch.isnan(want).all()
+        with ops.force_implementation(impl):
+            got = anypool.adaptive_lp_pool(x, 2.5, out)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        spec = anypool._args.pool_spec(x.shape, out, x.dim() - 2)
+        np.testing.assert_allclose(reference.lp_pool(x.double().numpy(), spec, 2.5), want.double().numpy(),
+                                   rtol=1e-6)
 
 
 def test_harness_fails_wrong_reductions():

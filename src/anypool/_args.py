@@ -314,6 +314,13 @@ def check_prefix_mask(mask, argument: str) -> None:
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
 
 
+def fractional_power(p, floor) -> bool:
+    """Whether a power mean's negative terms are NaN: LP (no ``floor``) with a non-integer ``p``, as in
+    ``torch.pow``.  Such a term makes its window NaN even where the window's largest ``|t|`` is inf, which
+    otherwise leaves only the infinite terms to count (torch's ``lp_pool`` gives NaN there too)."""
+    return floor is None and not float(p).is_integer()
+
+
 def positive_exponent(value, argument: str) -> float | None:
     """An LP ``norm_type`` or GeM ``p`` given as a number: a positive finite float (returned as float).
 

@@ -629,10 +629,6 @@ def torch_native_column() -> Column:
             return False
         if op in REDUCTIONS and case.dtype not in ("float32", "float64"):
             return False
-        if op == "lp" and case.values == "special" and case.exponent % 1:
-            # a window holding ±inf and a negative number: torch's power makes the negative term NaN, the
-            # reference counts only the infinite terms (test_reductions' strict xfail pins the difference)
-            return False
         return op != "lp" or all(_fixed_kernel(c.spec) for c in case.samples())  # lp_pool: fixed windows only
 
     return Column("torch native", run, supports, rounds_once=False, ops=OPS + REDUCTIONS)

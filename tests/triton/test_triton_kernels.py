@@ -492,6 +492,16 @@ def test_power_means_match_reference(power):
             assert abs(gp.item() - fd) <= 1e-5 * window * magnitude + 1e-6, (gp.item(), fd, what)
 
 
+def test_lp_of_inf_and_a_negative_is_nan():
+    """A window whose largest |x| is inf counts its infinite terms and its NaN ones: a negative x with a
+    non-integer p (NaN in torch's pow and in the reference)."""
+    x = torch.tensor([math.inf, -2.0, 1.0, 3.0, math.inf, 2.0, 1.0, 3.0, -math.inf, -2.0, 1.0, 3.0]).reshape(1, 1, 12)
+    spec = _args.pool_spec(tuple(x.shape), (3,), 1)
+    want = reference.lp_pool(x.double().numpy(), spec, 2.5)
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    _close(tk.lp_forward(x.to(DEVICE), (3,), 2.5), want, 1.0, "float32", 4, "lp of inf and a negative")
+
+
 @pytest.mark.parametrize("combine", [True, False])
 def test_avgmax_matches_reference(combine):
     """avgmax (``0.5·(avg + max)``) / catavgmax's parts from one pass: values, indices and the

@@ -641,8 +641,10 @@ def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, valid_sizes=None, keep=
         m = _max_over(m, a)
     m = lax.stop_gradient(jnp.expand_dims(m, k))
     scale = jnp.where(jnp.isfinite(m) & (m > 0), m, 1)
-    kept = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count
+    kept = mask & (~jnp.isinf(m) | jnp.isinf(t))  # m = inf: only the infinite terms count, and the NaN ones
     p = jnp.asarray(p, acc)
+    if floor is None:  # _args.fractional_power, for a p that is traced here (the padded batches' program)
+        kept = kept | (mask & (t < 0) & (p != jnp.floor(p)))
     # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
     terms = jnp.where(kept, jnp.where(kept, t / scale, 1) ** p, 0)
     total = terms.sum(k, keepdims=True)

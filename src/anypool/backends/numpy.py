@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _bins
+from .. import _args, _bins
 from .._args import PoolSpec
 
 name = "numpy"
@@ -246,7 +246,8 @@ def _power_mean(x: np.ndarray, spec: PoolSpec, p: float, mean: bool, floor: floa
 
     Scaled by the window's ``m = max |t|`` — ``m · (Σ (t/m)^p)^(1/p)``, which is the same number
     but neither overflows for a large ``p`` nor underflows for a small window.  A window with
-    ``m = inf`` is ``(Σ_{|t| = inf} t^p)^(1/p)`` (finite terms cannot matter); ``m = NaN`` gives NaN.
+    ``m = inf`` is ``(Σ_{|t| = inf} t^p)^(1/p)`` (finite terms cannot matter, unless they are NaN:
+    :func:`anypool._args.fractional_power`); ``m = NaN`` gives NaN.
     """
     v, mask, k_axes = _product_windows(x, spec)
     if floor is not None:
@@ -255,7 +256,9 @@ def _power_mean(x: np.ndarray, spec: PoolSpec, p: float, mean: bool, floor: floa
         m = np.max(np.where(mask, np.abs(v), 0.0), axis=k_axes, keepdims=True)
         scaled = np.isfinite(m) & (m > 0)
         scale = np.where(scaled, m, 1.0)
-        keep = mask & (~np.isinf(m) | np.isinf(v))
+        keep = mask & (~np.isinf(m) | np.isinf(v))  # m = inf: only the infinite terms count, and
+        if _args.fractional_power(p, floor):  # the NaN ones
+            keep |= mask & (v < 0)
         terms = np.where(keep, np.power(v / scale, p), 0.0)
         total = terms.sum(axis=k_axes, keepdims=True)
         if mean:

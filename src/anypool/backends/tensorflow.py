@@ -741,7 +741,9 @@ def _power_mean(x, spec: PoolSpec, p, mean: bool, floor, function: str):
     t = w if floor is None else tf.where(w < floor, tf.constant(floor, acc), w)  # NaN stays NaN
     m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=3, keepdims=True))
     scale = tf.where(tf.math.is_finite(m) & (m > 0), m, tf.ones_like(m))
-    keep = tf.logical_and(mask, tf.logical_or(tf.logical_not(tf.math.is_inf(m)), tf.math.is_inf(t)))
+    keep = mask & (tf.logical_not(tf.math.is_inf(m)) | tf.math.is_inf(t))  # m = inf: the infinite terms,
+    if _args.fractional_power(p, floor):  # and the NaN ones
+        keep = keep | (mask & (t < 0))
     p = tf.constant(p, acc) if isinstance(p, (int, float)) else tf.cast(p, acc)  # (a float cast via float32 rounds)
     terms = tf.where(keep, tf.pow(t / scale, p), tf.zeros_like(t))
     total = tf.reduce_sum(terms, axis=3, keepdims=True)
@@ -787,6 +789,8 @@ def _power_mean_valid(x, spec: PoolSpec, p, mean: bool, floor, valid_sizes, keep
     m = tf.stop_gradient(tf.reduce_max(tf.where(mask, tf.abs(t), tf.zeros_like(t)), axis=4, keepdims=True))
     scale = tf.where(tf.math.is_finite(m) & (m > 0), m, tf.ones_like(m))
     kept = mask & (tf.logical_not(tf.math.is_inf(m)) | tf.math.is_inf(t))
+    if _args.fractional_power(p, floor):
+        kept = kept | (mask & (t < 0))
     p = tf.constant(p, acc) if isinstance(p, (int, float)) else tf.cast(p, acc)
     # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
     terms = tf.where(kept, tf.pow(tf.where(kept, t / scale, tf.ones_like(t)), p), tf.zeros_like(t))

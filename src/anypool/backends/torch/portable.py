@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from ... import _bins
+from ... import _args, _bins
 
 __all__ = ["supports", "avg_forward", "avg_backward", "max_forward", "max_backward", "channels_last",
            "lp_forward", "lp_backward", "gem_forward", "gem_backward", "avgmax_forward", "avgmax_backward"]
@@ -475,7 +475,9 @@ def _power_parts(x: torch.Tensor, output_size, p, floor: float | None):
     a = t.abs()
     m = (a if mask is None else torch.where(mask, a, 0)).amax(k, keepdim=True)
     scale = torch.where(torch.isfinite(m) & (m > 0), m, 1)
-    keep = ~torch.isinf(m) | torch.isinf(t)  # m = inf: only the infinite terms count
+    keep = ~torch.isinf(m) | torch.isinf(t)  # m = inf: only the infinite terms count, and the NaN ones
+    if _args.fractional_power(p, floor):
+        keep = keep | (t < 0)
     if mask is not None:
         keep = keep & mask
     u = t / scale
@@ -549,7 +551,9 @@ def power_mean_valid(x: torch.Tensor, output_size, sizes: torch.Tensor, p, mean:
     p = p.to(w.dtype) if isinstance(p, torch.Tensor) else p  # 1 / p in the accumulation type
     m = torch.where(mask, t.abs(), 0).amax(k, keepdim=True).detach()  # the mean is homogeneous in the scale
     scale = torch.where(torch.isfinite(m) & (m > 0), m, 1)
-    keep = mask & (~torch.isinf(m) | torch.isinf(t))  # m = inf: only the infinite terms count
+    keep = mask & (~torch.isinf(m) | torch.isinf(t))  # m = inf: only the infinite terms count, and the NaN ones
+    if _args.fractional_power(p, floor):
+        keep = keep | (mask & (t < 0))
     # the dropped terms' base is 1, not theirs: a zero base with p < 1 would give NaN gradients
     terms = torch.where(keep, torch.where(keep, t / scale, 1).pow(p), 0)
     total = terms.sum(k, keepdim=True)

@@ -151,7 +151,7 @@ if triton is not None:
         * both (avgmax): ``y`` = the mean, or ``0.5·(mean + max)`` with ``COMBINE``; max -> ``y2``;
         * ``POWER`` 1 (LP, ``Σ t^p``) or 2 (GeM, ``mean max(t, eps)^p``), then ``^(1/p)``: scaled
           by the window's ``m = max |t|`` (a first pass), ``m·(Σ (t/m)^p)^(1/p)``, so a large ``p``
-          does not overflow float32; ``m = inf`` keeps only the infinite terms.  With ``GRAD``,
+          does not overflow float32; ``m = inf`` keeps only the infinite and NaN terms.  With ``GRAD``,
           for the backward gather instead: ``y`` = ``g·out/(m·T)`` (``T = Σ (t/m)^p``, 0 where
           ``T = 0``), ``y2`` = ``m``, and with ``P_GRAD`` ``i`` = this output's term of dL/dp,
           ``(g·out/p)·(Σ u^p ln u / T - ln(T/n) / p)`` (``n`` = window size; float32 buffers).
@@ -251,7 +251,7 @@ if triton is not None:
                             t = tl.where(v < eps, eps, v)
                         u = t / scale
                         term = _power(u, p, p_sign, IP, LIBDEVICE)
-                        keep = m & ~(infinite & (tl.abs(t) != float("inf")))
+                        keep = m & ~(infinite & (tl.abs(t) != float("inf")) & (term == term))
                         acc += tl.where(keep, term, 0.0)
                         if P_GRAD:
                             logs += tl.where(keep, term * tl.log(tl.where(keep, u, 1.0)), 0.0)

@@ -7,7 +7,8 @@
 // A power mean is computed as s·(Σ (t/s)^p)^(1/p) with s the power of two just above the window's
 // m = max |t|, so no term exceeds 1: a large p neither overflows nor (for the window's largest
 // terms) underflows, and t/s is an exact product.  A window with m = inf is (Σ_{|t|=inf} t^p)^(1/p)
-// (the finite terms cannot matter), m = NaN is NaN.  Each window is read twice (its maximum, then
+// (the finite terms cannot matter, unless their power is NaN: a negative t with a non-integer p, NaN in
+// torch.pow too), m = NaN is NaN.  Each window is read twice (its maximum, then
 // the powers), from cache.
 //
 // Backward passes are gathers, as in pool.cpp: one pass over the outputs computes each
@@ -118,15 +119,15 @@ inline acc_t planar_max(const T* xn, const Problem& p, int64_t a, int64_t b, int
 }
 
 // Σ u^p (and, with LOG, Σ u^p ln u) over the terms of a planar window, u = t·inv; `keep(t)`
-// picks the terms (all of them unless the window's maximum is inf).
+// picks the terms from t and its power (all of them unless the window's maximum is inf).
 template <int IP, bool LOG, typename acc_t, typename T, typename Term, typename Keep>
 inline void planar_powers(const T* xn, const Problem& p, int64_t a, int64_t b, int64_t c, acc_t pw, acc_t inv,
                           Term&& term, Keep&& keep, acc_t* total, acc_t* logs) {
   acc_t s[kLanes] = {}, g[kLanes] = {}, s_tail = 0, g_tail = 0;
   const auto add = [&](acc_t& sum, acc_t& log_sum, acc_t x) {
     const acc_t t = term(x), u = t * inv, power_u = power<IP>(u, pw);
-    sum += keep(t) ? power_u : acc_t(0);
-    if (LOG) log_sum += keep(t) ? power_u * std::log(u) : acc_t(0);
+    sum += keep(t, power_u) ? power_u : acc_t(0);
+    if (LOG) log_sum += keep(t, power_u) ? power_u * std::log(u) : acc_t(0);
   };
   planar_spans(p, a, b, c, [&](int64_t offset, int64_t n) {
     const T* __restrict__ v = xn + offset;
@@ -146,10 +147,11 @@ inline void planar_window_sums(const T* xn, const Problem& p, int64_t a, int64_t
   const auto term = [eps](acc_t t) { return GEM ? (t < eps ? eps : t) : t; };
   const acc_t m = planar_max<acc_t>(xn, p, a, b, c, [&](acc_t t) { return GEM ? term(t) : std::abs(t); });
   inv[0] = inverse_scale(m);
-  if (std::isinf(m))  // only the infinite terms count (a NaN term, not finite either, still does)
-    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term, [](acc_t t) { return !(t - t == 0); }, total, logs);
+  if (std::isinf(m))  // only the infinite and the NaN terms count
+    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term,
+                           [](acc_t t, acc_t power_t) { return !(t - t == 0) || is_nan(power_t); }, total, logs);
   else
-    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term, [](acc_t) { return true; }, total, logs);
+    planar_powers<IP, LOG>(xn, p, a, b, c, pw, inv[0], term, [](acc_t, acc_t) { return true; }, total, logs);
 }
 
 // The scaled sums of one window, per channel: inv (inverse_scale of its largest |t|), T = Σ u^p
@@ -193,7 +195,7 @@ inline void window_sums(const T* xn, const Problem& p, int64_t a, int64_t b, int
       acc_t t = static_cast<acc_t>(v[k]);
       if (GEM) t = t < eps ? eps : t;
       const acc_t u = t * inv[k], power_u = power<IP>(u, pw);
-      const bool skip = std::isinf(m[k]) & !std::isinf(t);
+      const bool skip = std::isinf(m[k]) & !std::isinf(t) & !is_nan(power_u);
       total[k] += skip ? acc_t(0) : power_u;
       if (LOG) logs[k] += skip ? acc_t(0) : power_u * std::log(u);
     }
