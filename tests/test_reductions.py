@@ -168,22 +168,32 @@ def test_planar_global_power_means_in_blocks_of_planes(dtype):
     _assert_within(gem.double().numpy(), reference.gem_pool(x, spec, 2.7, 0.5), dtype, 49, "gem")
 
 
-def test_planar_global_avgmax_in_blocks_of_planes():
-    """avgmax and catavgmax through the blocks of 64 transposed planes: values, and the gradient (so the
-    argmax: ties everywhere, a NaN in some planes) against timm's composite of torch's own ops."""
-    x = torch.randint(-3, 4, (3, 50, 6, 6)).float()
+@pytest.mark.parametrize("shape, size", [((3, 50, 6, 6), (1, 1)), ((3, 50, 9, 8), (4, 3)),
+                                         ((3, 50, 4, 5, 8), (3, 2, 3))])
+def test_planar_avgmax_in_blocks_of_planes(shape, size):
+    """avgmax and catavgmax through the blocks of 64 transposed planes (150 planes: two full blocks and a
+    part; global and windowed, 2-D and 3-D): values, and the gradient (so the argmax: ties everywhere, a
+    NaN in some planes) against timm's composite of torch's own ops."""
+    x = torch.randint(-3, 4, shape).float()
     x.view(-1)[torch.randperm(x.numel())[:30]] = math.nan
-    with ops.force_implementation("anypool.backends.torch.cpu"):
-        for name, composite in (("avgmax", lambda t: 0.5 * (F.adaptive_avg_pool2d(t, 1) + F.adaptive_max_pool2d(t, 1))),
-                                ("catavgmax", lambda t: torch.cat([F.adaptive_avg_pool2d(t, 1),
-                                                                   F.adaptive_max_pool2d(t, 1)], 1))):
-            ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-            got, want = getattr(anypool, f"adaptive_{name}_pool2d")(ours, 1), composite(theirs)
-            torch.testing.assert_close(got, want, equal_nan=True)
-            g = torch.randn_like(want)
-            got.backward(g)
-            want.backward(g)
-            torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
+    avg, top = ((F.adaptive_avg_pool2d, F.adaptive_max_pool2d) if len(size) == 2 else
+                (F.adaptive_avg_pool3d, F.adaptive_max_pool3d))
+    composites = {"avgmax": lambda t: 0.5 * (avg(t, size) + top(t, size)),
+                  "catavgmax": lambda t: torch.cat([avg(t, size), top(t, size)], 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the windowed pools take the blocks when every thread gets one
+    try:
+        with ops.force_implementation("anypool.backends.torch.cpu"):
+            for name, composite in composites.items():
+                ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+                got, want = getattr(anypool, f"adaptive_{name}_pool")(ours, size), composite(theirs)
+                torch.testing.assert_close(got, want, equal_nan=True)
+                g = torch.randn_like(want)
+                got.backward(g)
+                want.backward(g)
+                torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
