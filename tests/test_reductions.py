@@ -196,6 +196,19 @@ def test_planar_avgmax_in_blocks_of_planes(shape, size):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("size", [(4, 3), (1, 1)])
+def test_avgmax_backward_rejects_an_index_outside_the_plane(size):
+    """The C++ avgmax backward adds each max gradient at its index (windowed planar: a scatter into the avg
+    backward's result; otherwise a gather): an index past the plane raises instead of writing elsewhere."""
+    from anypool.backends.torch import cpu
+
+    x = torch.randn(2, 3, 9, 8)
+    _, grad_max, indices = cpu.avgmax_forward(x, size, True)
+    indices.view(-1)[1] = 9 * 8
+    with pytest.raises(RuntimeError, match="outside the plane"):
+        cpu.avgmax_backward(torch.ones_like(grad_max), grad_max, indices, (9, 8))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lp_of_inf_and_a_negative_is_nan_as_torch(impl):
     """A window whose largest |x| is inf counts only its infinite terms, and its NaN ones: a negative x with
