@@ -520,8 +520,8 @@ void avgmax_forward_kernel(const T* x, T* ya, T* ym, int64_t* yi, const Problem&
   });
 }
 
-// gin[r, i] += g[r, o] at i = index[r, o], plane by plane, in output order: windowed planar avgmax
-// (float and double) adds its max part so to pool.cpp's avg backward; the half types take the gather
+// gin[r, i] += g[r, o] at i = index[r, o], plane by plane, in output order: how windowed planar avgmax
+// (float and double) adds its max part to pool.cpp's avg backward; the half types take the gather
 // below, which rounds the sum once.  Each plane is one task's: deterministic.  The gather, walking the
 // covering outputs one input row at a time, was 1.1-3x slower on two threads ((8,256,64,64)->7 21-28
 // against 13-20 ms, (8,256,37,53)->5 5.0-5.9 against 1.7-3.0 ms).
@@ -682,8 +682,8 @@ Tensor avgmax_backward(const Tensor& grad_avg, const Tensor& grad_max, const Ten
   const bool cl = channels_last(grad_avg);
   const Tensor ga = physical(grad_avg, cl), gm = physical(grad_max, cl), ip = physical(indices, cl);
   const Problem p = problem(grad_avg.size(0), grad_avg.size(1), input_size, grad_avg.sizes().slice(2), cl, true);
+  const int64_t plane = p.d.L * p.h.L * p.w.L;
   if (ip.numel() > 0) {  // (one pass over the outputs' indices; the kernels below trust them)
-    const int64_t plane = p.d.L * p.h.L * p.w.L;
     const auto [lo, hi] = at::aminmax(ip);
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < plane, "anypool_cpu: an index outside the plane of ",
                 plane, " elements");
@@ -693,7 +693,7 @@ Tensor avgmax_backward(const Tensor& grad_avg, const Tensor& grad_max, const Ten
     Tensor gin = avg_backward(ga, input_size, std::nullopt);
     AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "avgmax_backward", [&] {
       add_at_indices(gm.const_data_ptr<scalar_t>(), ip.const_data_ptr<int64_t>(), gin.mutable_data_ptr<scalar_t>(),
-                     p.B, p.d.O * p.h.O * p.w.O, p.d.L * p.h.L * p.w.L);
+                     p.B, p.d.O * p.h.O * p.w.O, plane);
     });
     return gin;
   }
